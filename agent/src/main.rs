@@ -1,0 +1,6 @@
+//! The `edgeward` binary: everything lives in the library.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    edgeward::cli::main()
+}
