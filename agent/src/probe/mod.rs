@@ -4,6 +4,8 @@
 //! Without the privileges or kernel features it needs, the probe reports itself `degraded` with
 //! the exact reason and the rest of the agent keeps running.
 
+pub mod event;
+
 use std::time::Duration;
 
 use aya::{
