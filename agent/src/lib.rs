@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod export;
 pub mod logging;
+pub mod pipeline;
 pub mod plugins;
 pub mod probe;
 pub mod runtime;
