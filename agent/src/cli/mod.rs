@@ -1,5 +1,6 @@
 //! The `edgeward` command line. `main` calls [`main`]; everything it does is here.
 
+mod cache;
 mod status;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -106,7 +107,7 @@ enum PluginCommand {
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
     /// Print what the offline cache holds and whether it passes its checksum.
-    Inspect(NotYet),
+    Inspect(cache::InspectArgs),
 }
 
 /// Arguments of a command that this build does not have yet; taken as given, so that the
@@ -129,7 +130,7 @@ pub fn main() -> ExitCode {
             PluginCommand::Publish(_) => "plugin publish",
             PluginCommand::List(_) => "plugin list",
         }),
-        Command::Cache(CacheCommand::Inspect(_)) => not_yet("cache inspect"),
+        Command::Cache(CacheCommand::Inspect(args)) => cache::inspect(args),
     }
 }
 

@@ -10,11 +10,13 @@ use prometheus_client::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use tokio::sync::watch;
+
 use crate::{
     admin::AdminError,
     config::{AgentConfig, ConfigError},
     status::{ConfigSource, StatusHandle},
-    sync,
+    sync::{self, Applier, DesiredState, SyncMetrics},
 };
 
 pub use shutdown::{ShutdownSignal, wait_for_signal};
@@ -71,7 +73,59 @@ pub async fn run_until(
         build_info,
     );
 
-    let probe = config.probe.build(&status, &mut registry);
+    if let Some(probe) = config.probe.build(&status, &mut registry) {
+        tasks.spawn(probe.run(Duration::from_secs(1), shutdown.clone()));
+    }
+
+    // Desired state: one value, swapped whole, for every component that follows it.
+    let (state_tx, state_rx) = watch::channel(Arc::new(DesiredState::empty(ConfigSource::Default)));
+    let sync_metrics = SyncMetrics::register(&mut registry);
+    let mut applier = Applier::new(
+        &config.etcd.prefix,
+        &node,
+        state_tx,
+        status.clone(),
+        sync_metrics.clone(),
+    );
+    if !config.etcd.endpoints.is_empty() {
+        let on_disk = load_cache(&config, &mut applier, &status);
+        let (cache_tx, cache_rx) = watch::channel(None);
+        applier = applier.with_cache(cache_tx);
+        tasks.spawn(sync::cache::run_writer(
+            config.cache.dir.clone(),
+            config.etcd.prefix.clone(),
+            cache_rx,
+            on_disk,
+            sync_metrics.clone(),
+        ));
+        tasks.spawn(sync::etcd::run(
+            config.etcd.clone(),
+            applier,
+            status.clone(),
+            sync_metrics.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(sync::node_status::run(
+            config.etcd.clone(),
+            node.clone(),
+            status.clone(),
+            sync_metrics,
+            shutdown.clone(),
+        ));
+    } else if let Some(dir) = &config.standalone.config_dir {
+        tasks.spawn(sync::file::run(
+            dir.clone(),
+            config.etcd.prefix.clone(),
+            applier,
+            status.clone(),
+            shutdown.clone(),
+        ));
+    } else {
+        tracing::info!("no etcd endpoints and no standalone.config_dir: built-in defaults");
+        applier.reset(sync::Snapshot::default(), ConfigSource::Default);
+    }
+    // Components that follow the desired state subscribe to this receiver.
+    let _desired_state = state_rx;
 
     let admin = config
         .admin
@@ -82,9 +136,8 @@ pub async fn run_until(
         version = crate::VERSION,
         admin = %admin.local_addr(),
         etcd = ?config.etcd.endpoints,
-        "edgeward starting"
+        "edgeward started"
     );
-
     // The admin server is the one task whose failure stops the agent: without it nobody can
     // see what the node is doing.
     let admin_failed = CancellationToken::new();
@@ -97,32 +150,6 @@ pub async fn run_until(
                 admin_failed.cancel();
             }
         });
-    }
-
-    if let Some(probe) = probe {
-        tasks.spawn(probe.run(Duration::from_secs(1), shutdown.clone()));
-    }
-
-    if config.etcd.endpoints.is_empty() {
-        match &config.standalone.config_dir {
-            Some(dir) => {
-                tasks.spawn(sync::file::run(
-                    dir.clone(),
-                    status.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            None => {
-                tracing::info!("no etcd endpoints and no standalone.config_dir: built-in defaults");
-                status.config_applied(ConfigSource::Default, 0);
-            }
-        }
-    } else {
-        tasks.spawn(sync::etcd::run(
-            config.etcd.clone(),
-            status.clone(),
-            shutdown.clone(),
-        ));
     }
     tasks.close();
 
@@ -146,5 +173,34 @@ pub async fn run_until(
             pending: tasks.len(),
             timeout: config.shutdown_timeout,
         }),
+    }
+}
+
+/// Applies the offline cache, if there is a good one, so the agent is ready before etcd
+/// answers. Returns the revision on disk (0 when none), below which the cache writer must not
+/// go.
+fn load_cache(config: &AgentConfig, applier: &mut Applier, status: &StatusHandle) -> i64 {
+    match sync::cache::load(&config.cache.dir, &config.etcd.prefix) {
+        Ok(Some(cached)) => {
+            let revision = cached.snapshot.revision;
+            tracing::info!(
+                dir = %config.cache.dir.display(),
+                revision,
+                age = ?cached.age(),
+                "serving from the offline cache until etcd answers"
+            );
+            applier.reset(cached.snapshot, ConfigSource::Cache);
+            status.update(|s| s.config.cache_written_at = Some(cached.written_at));
+            revision
+        }
+        Ok(None) => {
+            tracing::info!(dir = %config.cache.dir.display(), "no offline cache yet");
+            0
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "offline cache not used; waiting for etcd");
+            status.update(|s| s.config.cache_error = Some(e.to_string()));
+            0
+        }
     }
 }

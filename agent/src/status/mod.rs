@@ -57,6 +57,14 @@ pub struct ConfigStatus {
     pub last_error: Option<String>,
     /// Keys that were rejected (malformed documents), with why.
     pub rejected: Vec<RejectedKey>,
+    /// Why the offline cache could not be used at start, if it could not.
+    pub cache_error: Option<String>,
+    /// Age of the offline cache the agent started from, in seconds (while `source` is
+    /// `cache`).
+    pub cache_age_seconds: Option<u64>,
+    /// When that cache was written.
+    #[serde(skip)]
+    pub cache_written_at: Option<SystemTime>,
 }
 
 /// A key whose value could not be applied.
@@ -168,9 +176,20 @@ impl StatusHandle {
         }
     }
 
-    /// A copy of the current status.
+    /// A copy of the current status, with derived fields (the cache's age) filled in.
     pub fn snapshot(&self) -> AgentStatus {
-        self.read(Clone::clone)
+        let mut status = self.read(Clone::clone);
+        status.config.cache_age_seconds =
+            match (status.config.source, status.config.cache_written_at) {
+                (Some(ConfigSource::Cache), Some(at)) => Some(
+                    SystemTime::now()
+                        .duration_since(at)
+                        .unwrap_or_default()
+                        .as_secs(),
+                ),
+                _ => None,
+            };
+        status
     }
 
     /// Reads a part of the status under the lock.
