@@ -128,7 +128,7 @@ fn bad_environment_variable_is_named() {
 }
 
 #[test]
-fn version_help_and_unbuilt_commands() {
+fn version_help_and_bad_input_to_commands() {
     let (code, stdout, _) = edgeward(&["--version"]);
     assert_eq!(code, 0);
     assert!(stdout.starts_with("edgeward "), "{stdout}");
@@ -139,8 +139,10 @@ fn version_help_and_unbuilt_commands() {
         assert_eq!(code, 0, "{args:?}: {stderr}");
         assert!(stdout.contains("Usage: edgeward"), "{args:?}: {stdout}");
     }
-    let (code, _, stderr) = edgeward(&["cache", "inspect"]);
-    assert_ne!(code, 0);
-    assert!(stderr.contains("not available"), "{stderr}");
+    // Bad input: a non-zero exit and one line saying why, never a panic.
+    let (code, _, stderr) = edgeward(&["cache", "inspect", "--cache-dir", "/nonexistent/edgeward"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/edgeward"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
