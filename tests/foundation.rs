@@ -146,3 +146,27 @@ fn version_help_and_bad_input_to_commands() {
     assert!(stderr.contains("/nonexistent/edgeward"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn print_config_shows_the_effective_configuration_as_toml() {
+    let (code, defaults, stderr) = edgeward(&["run", "--print-config"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        defaults.contains("[admin]") && defaults.contains("addr = \"127.0.0.1:9464\""),
+        "{defaults}"
+    );
+    // What it prints is a valid config file that loads to the same thing.
+    let file = config_file(&defaults);
+    let (code, again, stderr) = edgeward(&[
+        "run",
+        "--print-config",
+        "--config",
+        file.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(again, defaults);
+    let (_, overridden, _) =
+        edgeward(&["run", "--print-config", "--prefix", "/other", "--no-ebpf"]);
+    assert!(overridden.contains("prefix = \"/other\""), "{overridden}");
+    assert!(overridden.contains("enabled = false"), "{overridden}");
+}

@@ -90,6 +90,10 @@ struct RunArgs {
     /// Log format [key: log.format; default text]
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// Print the effective configuration (defaults, file, environment and flags merged) as
+    /// TOML and exit
+    #[arg(long)]
+    print_config: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +155,15 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_USAGE, &e),
     };
+    if args.print_config {
+        return match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_FAILURE, &format!("printing the configuration: {e}")),
+        };
+    }
     logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
