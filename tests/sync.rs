@@ -34,14 +34,15 @@ fn synced_keys(etcd: &Etcd) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// The keys in the agent's cache, once it stands at `revision`.
+/// The keys in the agent's cache, once it stands at `revision` or later (see
+/// [`wait_revision`]).
 fn cached_keys_at(agent: &Agent, revision: i64) -> Vec<(String, i64)> {
     let inspect = wait_for(
         Duration::from_secs(20),
         "the cache to reach the revision",
         || {
-            let i = agent.cache_inspect();
-            (i["revision"].as_i64() == Some(revision)).then_some(i)
+            let i = agent.try_cache_inspect()?;
+            (i["revision"].as_i64() >= Some(revision)).then_some(i)
         },
     );
     assert_eq!(inspect["checksum"], "ok", "{inspect}");
@@ -58,11 +59,13 @@ fn cached_keys_at(agent: &Agent, revision: i64) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Waits until the agent stands at `revision` or later: the node's own status writes move
+/// etcd's revision too, and a list stands at the store's revision.
 fn wait_revision(agent: &Agent, revision: i64) -> Value {
     agent.wait_status(
         Duration::from_secs(20),
         "the agent to apply the revision",
-        |s| s["config"]["revision"].as_i64() == Some(revision),
+        |s| s["config"]["revision"].as_i64() >= Some(revision),
     )
 }
 
@@ -826,4 +829,51 @@ fn cache_inspect_prints_a_table_and_fails_clearly_without_a_cache() {
     assert_eq!(code, 1);
     assert!(stdout.is_empty());
     assert!(stderr.contains("no cache file"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_larger_than_a_grpc_message_is_applied() {
+    let mut cluster = EtcdCluster::start(EtcdVersion::V3_5, 3);
+    let m0 = cluster.members[0].client_url.clone();
+    let agent = Agent::spawn(&["--etcd-endpoints", &m0, "--no-ebpf"]);
+    agent.wait_ready(Duration::from_secs(20));
+
+    // While the agent's member is down, 12 MiB of module chunks arrive through another one:
+    // far more than gRPC's default 4 MiB message limit, for the watch catch-up and the list.
+    cluster.members[0].kill();
+    let other = cluster.other_than(0).client_url.clone();
+    let mut client = etcd_client::Client::connect([other.as_str()], None)
+        .await
+        .unwrap();
+    let chunk = vec![b'w'; 1024 * 1024];
+    let mut last = 0;
+    for i in 0..12 {
+        let key = format!("{PREFIX}/blobs/sha256/{:064x}/{i:04}", 7);
+        // Retry while the two remaining members elect a leader.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        last = loop {
+            match client.put(key.clone(), chunk.clone(), None).await {
+                Ok(r) => break r.header().unwrap().revision(),
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("put {key}: {e}"),
+            }
+        };
+    }
+    tokio::task::spawn_blocking(move || {
+        cluster.members[0].restart();
+        wait_revision(&agent, last);
+        let keys = cached_keys_at(&agent, last);
+        assert_eq!(keys.len(), 12);
+        assert_eq!(keys, synced_keys(&cluster.members[0]));
+
+        // A fresh agent lists all of it at start.
+        let fresh = Agent::spawn(&["--etcd-endpoints", &m0, "--no-ebpf"]);
+        wait_revision(&fresh, last);
+        assert_eq!(cached_keys_at(&fresh, last), keys);
+    })
+    .await
+    .unwrap();
 }
