@@ -712,7 +712,7 @@ fn node_status_lives_under_a_lease_and_is_rewritten_when_the_lease_is_lost() {
         let v: Value = serde_json::from_str(&out).ok()?;
         let kv = v["kvs"].as_array()?.first()?.clone();
         let lease = kv["lease"].as_i64()?;
-        let value = String::from_utf8(support_b64(kv["value"].as_str()?)).ok()?;
+        let value = String::from_utf8(support::base64_decode(kv["value"].as_str()?)).ok()?;
         Some((serde_json::from_str(&value).ok()?, lease))
     };
     let (doc, lease) = wait_for(Duration::from_secs(10), "the status key", read_status);
@@ -753,26 +753,6 @@ fn node_status_lives_under_a_lease_and_is_rewritten_when_the_lease_is_lost() {
             .ok()
             .filter(|v| v.trim().is_empty())
     });
-}
-
-fn support_b64(text: &str) -> Vec<u8> {
-    // etcdctl's JSON output base64-encodes keys and values.
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bits = 0u32;
-    let mut nbits = 0;
-    let mut out = Vec::new();
-    for c in text.bytes().filter(|c| *c != b'=') {
-        let Some(v) = ALPHABET.iter().position(|a| *a == c) else {
-            continue;
-        };
-        bits = (bits << 6) | v as u32;
-        nbits += 6;
-        if nbits >= 8 {
-            nbits -= 8;
-            out.push((bits >> nbits) as u8);
-        }
-    }
-    out
 }
 
 #[test]

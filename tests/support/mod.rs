@@ -330,7 +330,10 @@ impl Etcd {
             .map(|kvs| {
                 kvs.iter()
                     .map(|kv| {
-                        let key = base64_decode(kv["key"].as_str().unwrap_or_default());
+                        let key = String::from_utf8_lossy(&base64_decode(
+                            kv["key"].as_str().unwrap_or_default(),
+                        ))
+                        .into_owned();
                         (key, kv["mod_revision"].as_i64().unwrap_or_default())
                     })
                     .collect()
@@ -360,8 +363,8 @@ impl Etcd {
     }
 }
 
-/// Decodes the standard base64 etcdctl uses for keys in JSON output.
-fn base64_decode(text: &str) -> String {
+/// Decodes the standard base64 etcdctl uses for keys and values in JSON output.
+pub fn base64_decode(text: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut bits = 0u32;
     let mut nbits = 0;
@@ -377,7 +380,7 @@ fn base64_decode(text: &str) -> String {
             out.push((bits >> nbits) as u8);
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 impl Drop for Etcd {
