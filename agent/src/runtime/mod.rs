@@ -43,6 +43,21 @@ struct BuildLabels {
     version: String,
 }
 
+/// Where the probe's enriched connection events go.
+///
+/// Placeholder: the pipeline (plugin chain + OTLP export) replaces this task and takes the
+/// receiver. Until then the events are consumed and counted so the probe's bounded channel
+/// never fills. Ends when the probe stops (the channel closes).
+async fn consume_connection_events(
+    mut events: tokio::sync::mpsc::Receiver<crate::probe::event::ConnectionEvent>,
+) {
+    let mut seen = 0u64;
+    while events.recv().await.is_some() {
+        seen += 1;
+    }
+    tracing::debug!(events = seen, "connection events consumed");
+}
+
 /// Runs the agent until a shutdown signal, then drains. Returns once everything has stopped.
 pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     run_until(config, wait_for_signal()).await
@@ -99,8 +114,11 @@ pub async fn run_until(
         });
     }
 
-    if let Some(probe) = probe {
-        tasks.spawn(probe.run(Duration::from_secs(1), shutdown.clone()));
+    if let Some(mut probe) = probe {
+        if let Some(events) = probe.take_events() {
+            tasks.spawn(consume_connection_events(events));
+        }
+        tasks.spawn(probe.run(shutdown.clone()));
     }
 
     if config.etcd.endpoints.is_empty() {
