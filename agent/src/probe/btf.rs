@@ -46,7 +46,11 @@ const FIELDS: &[(&str, &str, &[&str])] = &[
     ("tcp_sock", "bytes_acked", &["bytes_sent"]),
     ("tcp_sock", "bytes_received", &["bytes_received"]),
     ("tcp_sock", "total_retrans", &[]),
-    ("sock", "sk_err", &["close_reason (refused/timed_out/reset by peer)"]),
+    (
+        "sock",
+        "sk_err",
+        &["close_reason (refused/timed_out/reset by peer)"],
+    ),
     ("sock", "__sk_common.skc_net.net", &["netns"]),
     ("net", "ns.inum", &["netns"]),
 ];
@@ -113,7 +117,11 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         match found {
             Some(n) => *slot = n,
             None => {
-                tracing::warn!(r#type = ty, field, "kernel BTF lacks a field the probe reads");
+                tracing::warn!(
+                    r#type = ty,
+                    field,
+                    "kernel BTF lacks a field the probe reads"
+                );
                 *slot = NO_OFFSET;
                 missing.extend_from_slice(event_fields);
             }

@@ -163,6 +163,39 @@ pub fn close_reason(oldstate: u8, sk_err: i32) -> CloseReason {
     }
 }
 
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// Payload bytes from the kernel's sequence-space counters. `bytes_acked` counts the SYN of an
+/// active open and our FIN once acknowledged; `bytes_received` counts the peer's FIN. Which of
+/// those happened follows from the direction and the state the connection closed from.
+fn payload_bytes(raw: &RawEvent) -> (u64, u64) {
+    if raw.flags & flags::TCP_COUNTERS == 0 {
+        return (0, 0);
+    }
+    let syn = u64::from(raw.direction == direction::ACTIVE && raw.bytes_acked > 0);
+    let (fin_out, fin_in) = if raw.kind == kind::CLOSE {
+        let old = raw.oldstate;
+        (
+            // FIN_WAIT2, CLOSING and LAST_ACK are left for CLOSE once our FIN is acked.
+            matches!(old, TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK) && raw.sk_err == 0,
+            // The peer's FIN arrived in FIN_WAIT2 (to TIME_WAIT), CLOSE_WAIT, LAST_ACK,
+            // CLOSING.
+            matches!(
+                old,
+                TCP_FIN_WAIT2 | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
+            ) && raw.sk_err != ECONNRESET,
+        )
+    } else {
+        (false, false)
+    };
+    (
+        raw.bytes_acked.saturating_sub(syn + u64::from(fin_out)),
+        raw.bytes_received.saturating_sub(u64::from(fin_in)),
+    )
+}
+
 /// Decodes one record. `flags` of the record says which fields the kernel could fill in;
 /// absent ones are zero.
 pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeError> {
@@ -186,6 +219,7 @@ pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeErr
         _ => CloseReason::Open,
     };
     let process = raw.flags & flags::PROCESS != 0;
+    let (bytes_sent, bytes_received) = payload_bytes(raw);
     Ok(ConnectionEvent {
         kind: event_kind,
         conn_id: conn_id(raw.sk, raw.start_ns),
@@ -206,8 +240,8 @@ pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeErr
             EventKind::Open => 0,
             _ => clock.unix(raw.ts_ns),
         },
-        bytes_sent: raw.bytes_acked,
-        bytes_received: raw.bytes_received,
+        bytes_sent,
+        bytes_received,
         srtt_us: raw.srtt_us,
         rttvar_us: raw.rttvar_us,
         retransmits: raw.retransmits,
@@ -268,6 +302,26 @@ mod tests {
     }
 
     #[test]
+    fn sequence_space_is_not_payload() {
+        // Active open closed from LAST_ACK: SYN and FIN acked, peer FIN received.
+        let ev = decode(&raw(), Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (98, 199));
+        // Passive side that closed first (FIN_WAIT2 -> TIME_WAIT): FIN each way, no SYN.
+        let mut r = raw();
+        r.direction = direction::PASSIVE;
+        r.oldstate = 5;
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (99, 199));
+        // Open event of an active open: only the SYN.
+        r.direction = direction::ACTIVE;
+        r.kind = kind::OPEN;
+        r.bytes_acked = 1;
+        r.bytes_received = 0;
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (0, 0));
+    }
+
+    #[test]
     fn ipv6_stays_ipv6() {
         let mut r = raw();
         r.family = 10;
@@ -313,7 +367,7 @@ mod tests {
         bytes[48..52].copy_from_slice(&7u32.to_le_bytes()); // pid
         bytes[76..78].copy_from_slice(&443u16.to_le_bytes()); // lport
         bytes[84] = kind::CLOSE;
-        bytes[120..124].copy_from_slice(b"nginx");
+        bytes[120..125].copy_from_slice(b"nginx");
         let r = read_raw(&bytes).unwrap();
         assert_eq!((r.pid, r.lport, r.kind), (7, 443, kind::CLOSE));
         assert_eq!(&r.comm[..5], b"nginx");

@@ -105,8 +105,7 @@ impl ProbeConfig {
                 "must be between 64 and 16777216",
             ));
         }
-        if !self.update_interval.is_zero() && self.update_interval < Duration::from_millis(100)
-        {
+        if !self.update_interval.is_zero() && self.update_interval < Duration::from_millis(100) {
             return Err(ConfigError::invalid(
                 "probe.update_interval",
                 humantime::format_duration(self.update_interval),
@@ -170,6 +169,25 @@ pub enum ProbeError {
     Poll(std::io::Error),
 }
 
+/// The error and its sources on one line, with a hint when the kernel said "not permitted"
+/// (aya's map and program errors keep the errno in their source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    if text.contains("Operation not permitted") {
+        text.push_str(" (the probe needs CAP_BPF and CAP_PERFMON, or root; see docs/probe.md)");
+    }
+    text
+}
+
 /// Tracepoint programs: (program name, category, tracepoint name).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("conn_state", "sock", "inet_sock_set_state"),
@@ -181,6 +199,8 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
 /// The fexit program that attributes passive opens to the accepting process.
 const ACCEPT_PROGRAM: &str = "conn_accept";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
+/// What is lost without the accept hook.
+const PASSIVE_WITHOUT_IO: &str = "pid/comm of passive opens closed before any send/recv";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
@@ -270,10 +290,11 @@ impl ProbeConfig {
                 Some(probe)
             }
             Err(e) => {
-                tracing::error!(error = %e, "eBPF probe unavailable; running without it");
+                let reason = error_chain(&e);
+                tracing::error!(error = %reason, "eBPF probe unavailable; running without it");
                 status.update(|s| {
                     s.probe.state = ProbeState::Degraded;
-                    s.probe.reason = Some(e.to_string());
+                    s.probe.reason = Some(reason);
                 });
                 None
             }
@@ -286,15 +307,11 @@ impl ProbeConfig {
         if PROGRAMS.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
-        let (mut offsets, mut missing, mut notes) = match btf::kernel_offsets(&self.btf_path) {
+        let (mut offsets, mut missing, notes) = match btf::kernel_offsets(&self.btf_path) {
             Ok(k) => (k.offsets, k.missing_fields, Vec::new()),
             Err(e) => {
                 tracing::warn!(error = %e, "no kernel BTF; the probe reports fewer fields");
-                (
-                    Offsets::UNKNOWN,
-                    btf::all_btf_fields(),
-                    vec![e.to_string()],
-                )
+                (Offsets::UNKNOWN, btf::all_btf_fields(), vec![e.to_string()])
             }
         };
         offsets.update_interval_ns = u64::try_from(self.update_interval.as_nanos()).unwrap_or(0);
@@ -306,20 +323,26 @@ impl ProbeConfig {
         for &(program, category, name) in TRACEPOINTS {
             attach_tracepoint(&mut ebpf, program, category, name)?;
         }
-        if notes.is_empty() {
-            if let Err(e) = attach_accept(&mut ebpf) {
-                tracing::warn!(error = %e, "accept hook unavailable; passive opens are attributed at their first send or receive");
-                notes.push(e.to_string());
-                missing.push("pid/comm of passive opens before their first send/recv");
-            }
+        // The accept hook is an improvement, not a requirement: without it a passive open is
+        // attributed at its first send or receive, in the owning process's context.
+        let degraded = !missing.is_empty();
+        let accept_hook = if notes.is_empty() {
+            attach_accept(&mut ebpf).map_err(|e| e.to_string())
         } else {
-            missing.push("pid/comm of passive opens before their first send/recv");
+            Err("needs kernel BTF".to_owned())
+        };
+        if let Err(e) = &accept_hook {
+            tracing::warn!(error = %e, "accept hook unavailable; passive opens are attributed at their first send or receive");
+            missing.push(PASSIVE_WITHOUT_IO);
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::MissingMap("EVENTS"))?)
-            .map_err(|source| ProbeError::Map {
-                name: "EVENTS",
-                source,
-            })?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(ProbeError::MissingMap("EVENTS"))?,
+        )
+        .map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })?;
         let counters = PerCpuArray::try_from(
             ebpf.take_map("COUNTERS")
                 .ok_or(ProbeError::MissingMap("COUNTERS"))?,
@@ -329,19 +352,22 @@ impl ProbeConfig {
             source,
         })?;
         let (out_tx, out_rx) = mpsc::channel(self.channel_capacity);
-        let missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
+        let mut missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
+        if let (Err(e), Some(last)) = (&accept_hook, missing_text.last_mut()) {
+            *last = format!("{last} (fexit {ACCEPT_FUNCTION} unavailable: {e})");
+        }
         status.update(|s| {
             s.probe.missing_fields = missing_text.clone();
-            if missing.is_empty() {
-                s.probe.state = ProbeState::Running;
-                s.probe.reason = None;
-            } else {
+            if degraded {
                 s.probe.state = ProbeState::Degraded;
                 s.probe.reason = Some(format!(
                     "running with missing fields [{}]: {}",
-                    missing_text.join(", "),
+                    missing_text.join("; "),
                     notes.join("; ")
                 ));
+            } else {
+                s.probe.state = ProbeState::Running;
+                s.probe.reason = None;
             }
         });
         tracing::info!(

@@ -25,9 +25,7 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{FExitContext, TracePointContext},
 };
-use edgeward_common::{
-    ConnInfo, NO_OFFSET, Offsets, RawEvent, counter, direction, flags, kind,
-};
+use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, RawEvent, counter, direction, flags, kind};
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
 #[map]
