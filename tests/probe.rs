@@ -141,8 +141,18 @@ fn known_traffic(host: &str, reported_ip: &str) {
             assert_eq!(opens[0].tgid, end.tgid);
         }
     }
+    // No loss on the way. (`untracked` is left out: connections of other processes that
+    // were opened before this probe started may close meanwhile.)
     let status = probe.status.snapshot().probe;
-    assert_eq!(status.drops, 0, "{status:?}");
+    for reason in [
+        "ring_buffer_full",
+        "map_insert_failed",
+        "reader_channel_full",
+        "output_channel_full",
+        "undecodable",
+    ] {
+        assert_eq!(status.drop_reasons.get(reason), Some(&0), "{status:?}");
+    }
 }
 
 #[test]

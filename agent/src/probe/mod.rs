@@ -169,8 +169,8 @@ pub enum ProbeError {
     Poll(std::io::Error),
 }
 
-/// The error and its sources on one line, with a hint when the kernel said "not permitted"
-/// (aya's map and program errors keep the errno in their source).
+/// The error and its sources on one line (aya's map and program errors keep the errno in
+/// their source).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -188,12 +188,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Tracepoint programs: (program name, category, tracepoint name).
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("conn_state", "sock", "inet_sock_set_state"),
-    ("conn_retransmit", "tcp", "tcp_retransmit_skb"),
-    ("conn_io", "sock", "sock_send_length"),
-    ("conn_io", "sock", "sock_recv_length"),
+/// Tracepoint programs: (program name, category, tracepoint name, what is lost without it;
+/// `None` = required).
+const TRACEPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
+    ("conn_state", "sock", "inet_sock_set_state", None),
+    (
+        "conn_retransmit",
+        "tcp",
+        "tcp_retransmit_skb",
+        Some("retransmits (without BTF)"),
+    ),
+    (
+        "conn_io",
+        "sock",
+        "sock_send_length",
+        Some("update events; pid/comm of passive opens without the accept hook"),
+    ),
+    (
+        "conn_io",
+        "sock",
+        "sock_recv_length",
+        Some("update events; pid/comm of passive opens without the accept hook"),
+    ),
 ];
 
 /// The fexit program that attributes passive opens to the accepting process.
@@ -290,7 +306,12 @@ impl ProbeConfig {
                 Some(probe)
             }
             Err(e) => {
-                let reason = error_chain(&e);
+                let mut reason = error_chain(&e);
+                if reason.contains("Operation not permitted") {
+                    reason.push_str(
+                        " (the probe needs CAP_BPF and CAP_PERFMON, or root; see docs/probe.md)",
+                    );
+                }
                 tracing::error!(error = %reason, "eBPF probe unavailable; running without it");
                 status.update(|s| {
                     s.probe.state = ProbeState::Degraded;
@@ -307,7 +328,7 @@ impl ProbeConfig {
         if PROGRAMS.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
-        let (mut offsets, mut missing, notes) = match btf::kernel_offsets(&self.btf_path) {
+        let (mut offsets, mut missing, mut notes) = match btf::kernel_offsets(&self.btf_path) {
             Ok(k) => (k.offsets, k.missing_fields, Vec::new()),
             Err(e) => {
                 tracing::warn!(error = %e, "no kernel BTF; the probe reports fewer fields");
@@ -320,17 +341,21 @@ impl ProbeConfig {
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
             .map_max_entries("CONNS", self.max_connections)
             .load(PROGRAMS)?;
-        for &(program, category, name) in TRACEPOINTS {
-            attach_tracepoint(&mut ebpf, program, category, name)?;
+        for &(program, category, name, loses) in TRACEPOINTS {
+            match (attach_tracepoint(&mut ebpf, program, category, name), loses) {
+                (Ok(()), _) => {}
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(loses)) => {
+                    tracing::warn!(error = %error_chain(&e), "optional tracepoint unavailable");
+                    notes.push(error_chain(&e));
+                    missing.push(loses);
+                }
+            }
         }
         // The accept hook is an improvement, not a requirement: without it a passive open is
         // attributed at its first send or receive, in the owning process's context.
         let degraded = !missing.is_empty();
-        let accept_hook = if notes.is_empty() {
-            attach_accept(&mut ebpf).map_err(|e| e.to_string())
-        } else {
-            Err("needs kernel BTF".to_owned())
-        };
+        let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
         if let Err(e) = &accept_hook {
             tracing::warn!(error = %e, "accept hook unavailable; passive opens are attributed at their first send or receive");
             missing.push(PASSIVE_WITHOUT_IO);
@@ -428,6 +453,39 @@ fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     prog.load(ACCEPT_FUNCTION, &btf).map_err(err)?;
     prog.attach().map_err(err)?;
     Ok(())
+}
+
+/// The benchmark's floor: only the program that counts TCP state changes, attached to the
+/// same tracepoint as the connection program. No ring buffer traffic, no userspace work.
+pub struct FloorProbe {
+    ebpf: Ebpf,
+}
+
+impl FloorProbe {
+    /// Loads the object and attaches `count_state_changes` to `sock:inet_sock_set_state`.
+    pub fn attach() -> Result<Self, ProbeError> {
+        if PROGRAMS.is_empty() {
+            return Err(ProbeError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new().load(PROGRAMS)?;
+        attach_tracepoint(
+            &mut ebpf,
+            "count_state_changes",
+            "sock",
+            "inet_sock_set_state",
+        )?;
+        Ok(Self { ebpf })
+    }
+
+    /// TCP state changes counted so far.
+    pub fn state_changes(&self) -> u64 {
+        self.ebpf
+            .map("COUNTERS")
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            .and_then(|a| a.get(&counter::STATE_CHANGES, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
 }
 
 /// Totals of the kernel's per-CPU counters.
