@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use btfparse::{Offset, Readable, TypeInformation};
 use edgeward_common::{NO_OFFSET, Offsets};
 
 /// Why BTF could not be read. The probe still loads without it, with fewer fields.
@@ -63,24 +62,155 @@ pub fn all_btf_fields() -> Vec<&'static str> {
     out
 }
 
-struct Bytes(Vec<u8>);
+/// A minimal reader of the BTF type section: just enough to resolve struct member offsets by
+/// name. It keeps the raw bytes and one offset per type (the `btfparse` crate builds maps of
+/// every type and left ~65 MB of heap behind for the kernel's 6 MB of BTF).
+struct Types<'a> {
+    data: &'a [u8],
+    /// Start of the string section.
+    strings: usize,
+    /// Byte offset of each type record; type id N is at index N - 1.
+    records: Vec<usize>,
+}
 
-impl Readable for Bytes {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start
-            .checked_add(buffer.len())
-            .and_then(|end| self.0.get(start..end))
-        {
-            Some(src) => {
-                buffer.copy_from_slice(src);
-                Ok(())
-            }
-            None => Err(btfparse::Error::new(
-                btfparse::ErrorKind::EOF,
-                "read past the end of the BTF data",
-            )),
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    let b = data.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+impl<'a> Types<'a> {
+    fn parse(data: &'a [u8]) -> Result<Self, String> {
+        let magic = data.get(0..2).ok_or("file too short")?;
+        if magic != [0x9f, 0xeb] {
+            return Err("not little-endian BTF (bad magic)".to_owned());
         }
+        let field = |at| {
+            u32_at(data, at)
+                .map(|v| v as usize)
+                .ok_or("truncated header")
+        };
+        let hdr_len = field(4)?;
+        let (type_off, type_len) = (field(8)?, field(12)?);
+        let str_off = field(16)?;
+        let types_start = hdr_len + type_off;
+        let types_end = types_start + type_len;
+        if types_end > data.len() || hdr_len + str_off > data.len() {
+            return Err("sections beyond the end of the file".to_owned());
+        }
+        let mut records = Vec::new();
+        let mut at = types_start;
+        while at < types_end {
+            let info = u32_at(data, at + 4).ok_or("truncated type")?;
+            let vlen = (info & 0xffff) as usize;
+            let extra = match (info >> 24) & 0x1f {
+                1 | 14 | 17 => 4,             // int, var, decl_tag
+                3 => 12,                      // array
+                4 | 5 | 15 | 19 => 12 * vlen, // struct, union, datasec, enum64
+                6 | 13 => 8 * vlen,           // enum, func_proto
+                0 | 2 | 7..=12 | 16 | 18 => 0,
+                kind => return Err(format!("unknown BTF kind {kind}")),
+            };
+            records.push(at);
+            at += 12 + extra;
+        }
+        Ok(Self {
+            data,
+            strings: hdr_len + str_off,
+            records,
+        })
+    }
+
+    fn name(&self, off: u32) -> &[u8] {
+        let start = self.strings + off as usize;
+        let rest = self.data.get(start..).unwrap_or(&[]);
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    /// (name_off, kind, kind_flag, vlen, size_or_type, record offset) of type `id`.
+    fn header(&self, id: u32) -> Option<(u32, u32, bool, usize, u32, usize)> {
+        let at = *self.records.get((id as usize).checked_sub(1)?)?;
+        let info = u32_at(self.data, at + 4)?;
+        Some((
+            u32_at(self.data, at)?,
+            (info >> 24) & 0x1f,
+            info >> 31 == 1,
+            (info & 0xffff) as usize,
+            u32_at(self.data, at + 8)?,
+            at,
+        ))
+    }
+
+    /// The struct (with members, not a forward declaration) named `name`.
+    fn struct_named(&self, name: &str) -> Option<u32> {
+        (1..=self.records.len() as u32).find(|&id| {
+            self.header(id).is_some_and(|(n, kind, _, vlen, _, _)| {
+                kind == KIND_STRUCT && vlen > 0 && self.name(n) == name.as_bytes()
+            })
+        })
+    }
+
+    /// Follows typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> Option<u32> {
+        for _ in 0..32 {
+            let (_, kind, ..) = self.header(id)?;
+            match kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = self.header(id)?.4
+                }
+                _ => return Some(id),
+            }
+        }
+        None
+    }
+
+    /// Bit offset and type of member `name` of struct/union `id`, looking into anonymous
+    /// struct/union members too.
+    fn member(&self, id: u32, name: &[u8], depth: u32) -> Option<(u32, u32)> {
+        let (_, kind, kind_flag, vlen, _, at) = self.header(self.resolve(id)?)?;
+        if (kind != KIND_STRUCT && kind != KIND_UNION) || depth > 8 {
+            return None;
+        }
+        for i in 0..vlen {
+            let m = at + 12 + 12 * i;
+            let (m_name, m_type, m_off) = (
+                u32_at(self.data, m)?,
+                u32_at(self.data, m + 4)?,
+                u32_at(self.data, m + 8)?,
+            );
+            let (bits, bitfield) = if kind_flag {
+                (m_off & 0xff_ffff, m_off >> 24 != 0)
+            } else {
+                (m_off, false)
+            };
+            if m_name == 0 {
+                if let Some((inner, ty)) = self.member(m_type, name, depth + 1) {
+                    return Some((bits + inner, ty));
+                }
+            } else if self.name(m_name) == name {
+                return (!bitfield).then_some((bits, m_type));
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a dotted member path in struct `ty`.
+    fn offset_of(&self, ty: &str, path: &str) -> Option<u32> {
+        let mut id = self.struct_named(ty)?;
+        let mut bits = 0;
+        for part in path.split('.') {
+            let (off, next) = self.member(id, part.as_bytes(), 0)?;
+            bits += off;
+            id = next;
+        }
+        (bits % 8 == 0).then_some(bits / 8)
     }
 }
 
@@ -90,20 +220,14 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         path: path.to_owned(),
         source,
     })?;
-    let types = TypeInformation::new(&Bytes(data)).map_err(|e| BtfError::Parse {
+    let types = Types::parse(&data).map_err(|detail| BtfError::Parse {
         path: path.to_owned(),
-        detail: e.message().to_owned(),
+        detail,
     })?;
     let mut offsets = Offsets::UNKNOWN;
     let mut missing = Vec::new();
     for &(ty, field, event_fields) in FIELDS {
-        let found = types
-            .id_of(ty)
-            .and_then(|id| types.offset_of(id, field).ok())
-            .and_then(|(_, offset)| match offset {
-                Offset::ByteOffset(n) => Some(n),
-                Offset::BitOffsetAndSize(..) => None,
-            });
+        let found = types.offset_of(ty, field);
         let slot = match (ty, field) {
             ("tcp_sock", "srtt_us") => &mut offsets.srtt_us,
             ("tcp_sock", "mdev_us") => &mut offsets.mdev_us,
