@@ -41,7 +41,7 @@ trap cleanup EXIT
 gcc -O2 -pthread -o "$work/churn" bench/churn.c
 ip netns add "$NS"
 ip -n "$NS" link set lo up
-ip netns exec "$NS" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
+ip netns exec "$NS" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="32768 65000"
 NS_INODE=$(stat -L -c %i "/run/netns/$NS")
 TICK=$(getconf CLK_TCK)
 

@@ -212,6 +212,10 @@ const TRACEPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
     ),
 ];
 
+/// How often the reader drains the ring buffer without being woken (the kernel wakes it only
+/// once an eighth of the buffer is filled): the most an event waits in the kernel.
+const READ_PERIOD: Duration = Duration::from_millis(50);
+
 /// The fexit program that attributes passive opens to the accepting process.
 const ACCEPT_PROGRAM: &str = "conn_accept";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
@@ -336,6 +340,8 @@ impl ProbeConfig {
             }
         };
         offsets.update_interval_ns = u64::try_from(self.update_interval.as_nanos()).unwrap_or(0);
+        // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
+        offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
@@ -562,49 +568,72 @@ impl Probe {
                 return;
             }
         };
-        let mut ticker = tokio::time::interval(Duration::from_secs(1));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut published = Published::default();
+        self.publish(&mut published);
+        let mut last_publish = tokio::time::Instant::now();
         let mut warned_full = false;
         loop {
-            tokio::select! {
+            // Woken by the kernel (enough records waiting), or drain on the period.
+            let woken = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => self.publish(&mut published),
-                guard = fd.readable_mut() => {
-                    let mut guard = match guard {
-                        Ok(g) => g,
-                        Err(e) => {
-                            tracing::error!(error = %e, "eBPF ring buffer poll failed");
-                            break;
-                        }
-                    };
-                    let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
-                        self.drops.read.fetch_add(1, Ordering::Relaxed);
-                        match decode::read_raw(&item) {
-                            Ok(raw) => {
-                                if raw_tx.try_send(raw).is_err() {
-                                    self.drops.reader_full.fetch_add(1, Ordering::Relaxed);
-                                    if !warned_full {
-                                        warned_full = true;
-                                        tracing::warn!(capacity = self.config.channel_capacity, "probe enrichment channel full; dropping events (counted)");
-                                    }
-                                }
-                            }
-                            Err(e) => {
-                                self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(error = %e, "undecodable probe record");
-                            }
-                        }
+                ready = tokio::time::timeout(READ_PERIOD, fd.readable_mut()) => match ready {
+                    Ok(Ok(mut guard)) => {
+                        self.drain(guard.get_inner_mut(), &raw_tx, &mut warned_full);
+                        guard.clear_ready();
+                        true
                     }
-                    guard.clear_ready();
-                }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "eBPF ring buffer poll failed");
+                        break;
+                    }
+                    Err(_elapsed) => false,
+                },
+            };
+            if !woken {
+                self.drain(fd.get_mut(), &raw_tx, &mut warned_full);
+            }
+            if last_publish.elapsed() >= Duration::from_secs(1) {
+                last_publish = tokio::time::Instant::now();
+                self.publish(&mut published);
             }
         }
+        self.drain(fd.get_mut(), &raw_tx, &mut warned_full);
         drop(raw_tx);
         let _ = enrichment.await;
         self.publish(&mut published);
         tracing::info!("eBPF probe detached");
+    }
+
+    /// Reads every record waiting in the ring buffer; never blocks.
+    fn drain(
+        &self,
+        ring: &mut RingBuf<MapData>,
+        raw_tx: &mpsc::Sender<RawEvent>,
+        warned_full: &mut bool,
+    ) {
+        let mut read = 0u64;
+        while let Some(item) = ring.next() {
+            read += 1;
+            match decode::read_raw(&item) {
+                Ok(raw) => {
+                    if raw_tx.try_send(raw).is_err() {
+                        self.drops.reader_full.fetch_add(1, Ordering::Relaxed);
+                        if !*warned_full {
+                            *warned_full = true;
+                            tracing::warn!(
+                                capacity = self.config.channel_capacity,
+                                "probe enrichment channel full; dropping events (counted)"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "undecodable probe record");
+                }
+            }
+        }
+        self.drops.read.fetch_add(read, Ordering::Relaxed);
     }
 
     fn publish(&self, last: &mut Published) {

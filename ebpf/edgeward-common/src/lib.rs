@@ -85,6 +85,10 @@ pub struct Offsets {
     pub net_inum: u32,
     /// Periodic update interval for open connections, nanoseconds (0: no updates).
     pub update_interval_ns: u64,
+    /// Wake the reader only once this many bytes wait in the ring buffer (0: on every
+    /// record). The reader also drains the buffer on a short timer, so records below the
+    /// threshold are late by at most that period, never lost.
+    pub wakeup_bytes: u64,
 }
 
 impl Offsets {
@@ -99,6 +103,7 @@ impl Offsets {
         sk_net: NO_OFFSET,
         net_inum: NO_OFFSET,
         update_interval_ns: 0,
+        wakeup_bytes: 0,
     };
 }
 
