@@ -23,6 +23,9 @@ APT_PACKAGES=(
   etcd-server etcd-client
   # test tools: network namespaces, packet loss, sockets, HTTP
   iproute2 nftables curl jq
+  # probe tests and benchmark: setpriv (run the agent without capabilities), the C load
+  # generator of scripts/bench-probe.sh
+  util-linux gcc
 )
 
 missing=()

@@ -265,6 +265,7 @@ impl AgentConfig {
         self.log.validate()?;
         self.etcd.validate()?;
         self.otlp.validate()?;
+        self.probe.validate()?;
         Ok(())
     }
 

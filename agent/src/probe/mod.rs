@@ -1,24 +1,49 @@
 //! The eBPF TCP probe: loads edgeward's kernel programs (embedded in the binary at build time),
-//! attaches them to kernel tracepoints and reads what they report.
+//! attaches them to kernel tracepoints and an fexit trampoline, and turns what they report into
+//! enriched [`ConnectionEvent`]s.
+//!
+//! Data path: ring buffer reader (never blocks) → bounded channel → enrichment thread →
+//! bounded channel out ([`Probe::take_events`]). Full channel = the event is dropped and
+//! counted. Kernel-side losses (ring buffer full, connections the LRU map lost track of) are
+//! counted in a per-CPU map. Every loss shows in `/status` (`probe.drops`) and in metrics.
 //!
 //! Without the privileges or kernel features it needs, the probe reports itself `degraded` with
 //! the exact reason and the rest of the agent keeps running.
 
+pub mod btf;
+pub mod decode;
+pub mod enrich;
 pub mod event;
 
-use std::time::Duration;
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use aya::{
-    Ebpf,
-    maps::PerCpuArray,
-    programs::{ProgramError, TracePoint},
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{FExit, ProgramError, TracePoint},
 };
-use edgeward_common::counter;
-use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use edgeward_common::{Offsets, RawEvent, counter};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use serde::{Deserialize, Serialize};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::status::{ProbeState, StatusHandle};
+use crate::{
+    config::ConfigError,
+    status::{ProbeState, StatusHandle},
+};
+use event::ConnectionEvent;
 
 /// The kernel programs, built from `ebpf/edgeward-ebpf` by the agent's build script.
 pub static PROGRAMS: &[u8] =
@@ -30,11 +55,78 @@ pub static PROGRAMS: &[u8] =
 pub struct ProbeConfig {
     /// Load the eBPF programs. `--no-ebpf` sets this to false.
     pub enabled: bool,
+    /// Size of the kernel → agent ring buffer in bytes: a power of two, at least 4096 (one
+    /// page). Each event takes 144 bytes in it.
+    pub ring_buffer_bytes: u32,
+    /// Connections tracked in flight by the kernel (LRU map entries, 96 bytes each). A
+    /// connection evicted while open is counted as a loss when it closes.
+    pub max_connections: u32,
+    /// How often an open connection reports its counters (an `update` event, written on its
+    /// next send or receive once this much time has passed). "0s" turns updates off.
+    #[serde(with = "crate::config::serde_duration")]
+    pub update_interval: Duration,
+    /// Capacity of each of the two bounded channels (reader → enrichment → consumer).
+    pub channel_capacity: usize,
+    /// Entries in each enrichment cache (executables by process, workloads by cgroup).
+    pub enrichment_cache_size: usize,
+    /// Where the kernel's BTF is read from.
+    pub btf_path: PathBuf,
 }
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            ring_buffer_bytes: 4 << 20,
+            max_connections: 65_536,
+            update_interval: Duration::from_secs(30),
+            channel_capacity: 16_384,
+            enrichment_cache_size: 4_096,
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// Checks the values; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rb = self.ring_buffer_bytes;
+        if rb < 4096 || !rb.is_power_of_two() || rb > 1 << 30 {
+            return Err(ConfigError::invalid(
+                "probe.ring_buffer_bytes",
+                rb,
+                "must be a power of two between 4096 and 1073741824",
+            ));
+        }
+        if !(64..=1 << 24).contains(&self.max_connections) {
+            return Err(ConfigError::invalid(
+                "probe.max_connections",
+                self.max_connections,
+                "must be between 64 and 16777216",
+            ));
+        }
+        if !self.update_interval.is_zero() && self.update_interval < Duration::from_millis(100) {
+            return Err(ConfigError::invalid(
+                "probe.update_interval",
+                humantime::format_duration(self.update_interval),
+                "must be \"0s\" (off) or at least 100ms",
+            ));
+        }
+        if !(1..=1 << 20).contains(&self.channel_capacity) {
+            return Err(ConfigError::invalid(
+                "probe.channel_capacity",
+                self.channel_capacity,
+                "must be between 1 and 1048576",
+            ));
+        }
+        if !(1..=1 << 20).contains(&self.enrichment_cache_size) {
+            return Err(ConfigError::invalid(
+                "probe.enrichment_cache_size",
+                self.enrichment_cache_size,
+                "must be between 1 and 1048576",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -44,7 +136,7 @@ pub enum ProbeError {
     /// The binary was built with `AYA_BUILD_SKIP` and carries no kernel programs.
     #[error("this edgeward binary was built without its eBPF programs (AYA_BUILD_SKIP)")]
     NotBuilt,
-    /// The object could not be parsed or its maps created.
+    /// The object could not be parsed or its maps created (often: no CAP_BPF).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     /// A program is missing from the object.
@@ -58,45 +150,151 @@ pub enum ProbeError {
         /// Why.
         source: aya::maps::MapError,
     },
+    /// A map is missing from the object.
+    #[error("eBPF map `{0}` is missing from the embedded object")]
+    MissingMap(&'static str),
     /// The kernel refused a program (the verifier log is part of the message) or its
-    /// tracepoint.
-    #[error("eBPF program `{program}` on tracepoint {tracepoint}: {source}")]
+    /// attach point.
+    #[error("eBPF program `{program}` on {attach_point}: {source}")]
     Program {
         /// The program.
         program: &'static str,
-        /// `category/name`.
-        tracepoint: String,
+        /// `category/name` of the tracepoint, or the traced kernel function.
+        attach_point: String,
         /// Why, including the verifier output when the kernel rejected it.
         source: ProgramError,
     },
+    /// The ring buffer could not be registered with the async runtime.
+    #[error("polling the eBPF ring buffer: {0}")]
+    Poll(std::io::Error),
 }
 
-/// Counters the probe exports.
-#[derive(Clone, Default)]
-struct ProbeMetrics {
-    state_changes: Counter,
+/// The error and its sources on one line (aya's map and program errors keep the errno in
+/// their source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    if text.contains("Operation not permitted") {
+        text.push_str(" (the probe needs CAP_BPF and CAP_PERFMON, or root; see docs/probe.md)");
+    }
+    text
+}
+
+/// Tracepoint programs: (program name, category, tracepoint name, what is lost without it;
+/// `None` = required).
+const TRACEPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
+    ("conn_state", "sock", "inet_sock_set_state", None),
+    (
+        "conn_retransmit",
+        "tcp",
+        "tcp_retransmit_skb",
+        Some("retransmits (without BTF)"),
+    ),
+    (
+        "conn_io",
+        "sock",
+        "sock_send_length",
+        Some("update events; pid/comm of passive opens without the accept hook"),
+    ),
+    (
+        "conn_io",
+        "sock",
+        "sock_recv_length",
+        Some("update events; pid/comm of passive opens without the accept hook"),
+    ),
+];
+
+/// How often the reader drains the ring buffer without being woken (the kernel wakes it only
+/// once an eighth of the buffer is filled): the most an event waits in the kernel.
+const READ_PERIOD: Duration = Duration::from_millis(50);
+
+/// The fexit program that attributes passive opens to the accepting process.
+const ACCEPT_PROGRAM: &str = "conn_accept";
+const ACCEPT_FUNCTION: &str = "inet_csk_accept";
+/// What is lost without the accept hook.
+const PASSIVE_WITHOUT_IO: &str = "pid/comm of passive opens closed before any send/recv";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+/// Loss reasons, as `reason` label values and `/status` `probe.drop_reasons` keys.
+pub mod drop_reason {
+    /// The kernel could not reserve ring buffer space.
+    pub const RING_BUFFER_FULL: &str = "ring_buffer_full";
+    /// A connection closed that the LRU map had no entry for (evicted, or older than the
+    /// probe).
+    pub const UNTRACKED: &str = "untracked";
+    /// The kernel could not insert a connection into the LRU map.
+    pub const MAP_INSERT_FAILED: &str = "map_insert_failed";
+    /// The reader → enrichment channel was full.
+    pub const READER_CHANNEL_FULL: &str = "reader_channel_full";
+    /// The enrichment → consumer channel was full.
+    pub const OUTPUT_CHANNEL_FULL: &str = "output_channel_full";
+    /// A ring buffer record did not decode.
+    pub const UNDECODABLE: &str = "undecodable";
+}
+
+/// Losses counted in userspace.
+#[derive(Debug, Default)]
+struct UserDrops {
+    reader_full: AtomicU64,
+    output_full: AtomicU64,
+    undecodable: AtomicU64,
+    read: AtomicU64,
 }
 
 /// A loaded and attached probe. Dropping it detaches the programs.
 pub struct Probe {
-    ebpf: Ebpf,
-    metrics: ProbeMetrics,
+    /// Kept alive: dropping it detaches the programs.
+    _ebpf: Ebpf,
+    ring: Option<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    config: ProbeConfig,
+    out_tx: Option<mpsc::Sender<ConnectionEvent>>,
+    out_rx: Option<mpsc::Receiver<ConnectionEvent>>,
+    drops: Arc<UserDrops>,
     status: StatusHandle,
+    missing: Vec<&'static str>,
+    metrics: Option<ProbeMetrics>,
 }
 
-/// Tracepoint programs: (program name, category, tracepoint name).
-const TRACEPOINTS: &[(&str, &str, &str)] =
-    &[("inet_sock_set_state", "sock", "inet_sock_set_state")];
+#[derive(Clone, Default)]
+struct ProbeMetrics {
+    state_changes: Counter,
+    events: Counter,
+    drops: Family<DropLabels, Counter>,
+}
 
 impl ProbeConfig {
     /// Loads and attaches the probe, or records why it is off or degraded. Never fails the
-    /// agent: the error is in the returned `None` and in the status.
+    /// agent: the error is in the returned `None` and in the status. Registers the probe's
+    /// metrics either way.
     pub fn build(&self, status: &StatusHandle, registry: &mut Registry) -> Option<Probe> {
         let metrics = ProbeMetrics::default();
         registry.register(
             "edgeward_probe_tcp_state_changes",
             "TCP state changes seen by the eBPF probe",
             metrics.state_changes.clone(),
+        );
+        registry.register(
+            "edgeward_probe_events",
+            "Connection events read from the eBPF ring buffer",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "edgeward_probe_drops",
+            "Connection events lost, by reason",
+            metrics.drops.clone(),
         );
         if !self.enabled {
             tracing::info!("eBPF probe turned off (probe.enabled = false or --no-ebpf)");
@@ -106,110 +304,447 @@ impl ProbeConfig {
             });
             return None;
         }
-        match load() {
-            Ok(ebpf) => {
-                tracing::info!(
-                    programs = TRACEPOINTS.len(),
-                    "eBPF probe loaded and attached"
-                );
-                status.update(|s| {
-                    s.probe.state = ProbeState::Running;
-                    s.probe.reason = None;
-                });
-                Some(Probe {
-                    ebpf,
-                    metrics,
-                    status: status.clone(),
-                })
+        match self.start(status) {
+            Ok(mut probe) => {
+                probe.metrics = Some(metrics);
+                Some(probe)
             }
             Err(e) => {
-                tracing::error!(error = %e, "eBPF probe unavailable; running without it");
+                let mut reason = error_chain(&e);
+                if reason.contains("Operation not permitted") {
+                    reason.push_str(
+                        " (the probe needs CAP_BPF and CAP_PERFMON, or root; see docs/probe.md)",
+                    );
+                }
+                tracing::error!(error = %reason, "eBPF probe unavailable; running without it");
                 status.update(|s| {
                     s.probe.state = ProbeState::Degraded;
-                    s.probe.reason = Some(e.to_string());
+                    s.probe.reason = Some(reason);
                 });
                 None
             }
         }
     }
-}
 
-fn load() -> Result<Ebpf, ProbeError> {
-    if PROGRAMS.is_empty() {
-        return Err(ProbeError::NotBuilt);
-    }
-    let mut ebpf = Ebpf::load(PROGRAMS)?;
-    for &(program, category, name) in TRACEPOINTS {
-        let tracepoint: &mut TracePoint = ebpf
-            .program_mut(program)
-            .ok_or(ProbeError::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| ProbeError::Program {
-                program,
-                tracepoint: format!("{category}/{name}"),
-                source,
-            })?;
-        let attach = |tp: &mut TracePoint| -> Result<(), ProgramError> {
-            tp.load()?;
-            tp.attach(category, name)?;
-            Ok(())
+    /// Loads and attaches the probe and sets `probe.state` in `status` (`running`, or
+    /// `degraded` with the missing fields when the kernel lacks BTF or the accept hook).
+    pub fn start(&self, status: &StatusHandle) -> Result<Probe, ProbeError> {
+        if PROGRAMS.is_empty() {
+            return Err(ProbeError::NotBuilt);
+        }
+        let (mut offsets, mut missing, mut notes) = match btf::kernel_offsets(&self.btf_path) {
+            Ok(k) => (k.offsets, k.missing_fields, Vec::new()),
+            Err(e) => {
+                tracing::warn!(error = %e, "no kernel BTF; the probe reports fewer fields");
+                (Offsets::UNKNOWN, btf::all_btf_fields(), vec![e.to_string()])
+            }
         };
-        attach(tracepoint).map_err(|source| ProbeError::Program {
-            program,
-            tracepoint: format!("{category}/{name}"),
+        offsets.update_interval_ns = u64::try_from(self.update_interval.as_nanos()).unwrap_or(0);
+        // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
+        offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", self.ring_buffer_bytes)
+            .map_max_entries("CONNS", self.max_connections)
+            .load(PROGRAMS)?;
+        for &(program, category, name, loses) in TRACEPOINTS {
+            match (attach_tracepoint(&mut ebpf, program, category, name), loses) {
+                (Ok(()), _) => {}
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(loses)) => {
+                    tracing::warn!(error = %error_chain(&e), "optional tracepoint unavailable");
+                    notes.push(error_chain(&e));
+                    missing.push(loses);
+                }
+            }
+        }
+        // The accept hook is an improvement, not a requirement: without it a passive open is
+        // attributed at its first send or receive, in the owning process's context.
+        let degraded = !missing.is_empty();
+        let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
+        if let Err(e) = &accept_hook {
+            tracing::warn!(error = %e, "accept hook unavailable; passive opens are attributed at their first send or receive");
+            missing.push(PASSIVE_WITHOUT_IO);
+        }
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(ProbeError::MissingMap("EVENTS"))?,
+        )
+        .map_err(|source| ProbeError::Map {
+            name: "EVENTS",
             source,
         })?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map("COUNTERS")
+                .ok_or(ProbeError::MissingMap("COUNTERS"))?,
+        )
+        .map_err(|source| ProbeError::Map {
+            name: "COUNTERS",
+            source,
+        })?;
+        let (out_tx, out_rx) = mpsc::channel(self.channel_capacity);
+        let mut missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
+        if let (Err(e), Some(last)) = (&accept_hook, missing_text.last_mut()) {
+            *last = format!("{last} (fexit {ACCEPT_FUNCTION} unavailable: {e})");
+        }
+        status.update(|s| {
+            s.probe.missing_fields = missing_text.clone();
+            if degraded {
+                s.probe.state = ProbeState::Degraded;
+                s.probe.reason = Some(format!(
+                    "running with missing fields [{}]: {}",
+                    missing_text.join("; "),
+                    notes.join("; ")
+                ));
+            } else {
+                s.probe.state = ProbeState::Running;
+                s.probe.reason = None;
+            }
+        });
+        tracing::info!(
+            programs = TRACEPOINTS.len() + 1,
+            missing = missing.len(),
+            "eBPF probe loaded and attached"
+        );
+        Ok(Probe {
+            _ebpf: ebpf,
+            ring: Some(ring),
+            counters,
+            config: self.clone(),
+            out_tx: Some(out_tx),
+            out_rx: Some(out_rx),
+            drops: Arc::default(),
+            status: status.clone(),
+            missing,
+            metrics: None,
+        })
     }
-    Ok(ebpf)
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    category: &str,
+    name: &str,
+) -> Result<(), ProbeError> {
+    let err = |source| ProbeError::Program {
+        program,
+        attach_point: format!("tracepoint {category}/{name}"),
+        source,
+    };
+    let tp: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or(ProbeError::MissingProgram(program))?
+        .try_into()
+        .map_err(err)?;
+    if tp.fd().is_err() {
+        tp.load().map_err(err)?;
+    }
+    tp.attach(category, name).map_err(err)?;
+    Ok(())
+}
+
+fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let err = |source| ProbeError::Program {
+        program: ACCEPT_PROGRAM,
+        attach_point: format!("fexit {ACCEPT_FUNCTION}"),
+        source,
+    };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+    let prog: &mut FExit = ebpf
+        .program_mut(ACCEPT_PROGRAM)
+        .ok_or(ProbeError::MissingProgram(ACCEPT_PROGRAM))?
+        .try_into()
+        .map_err(err)?;
+    prog.load(ACCEPT_FUNCTION, &btf).map_err(err)?;
+    prog.attach().map_err(err)?;
+    Ok(())
+}
+
+/// The benchmark's floor: only the program that counts TCP state changes, attached to the
+/// same tracepoint as the connection program. No ring buffer traffic, no userspace work.
+pub struct FloorProbe {
+    ebpf: Ebpf,
+}
+
+impl FloorProbe {
+    /// Loads the object and attaches `count_state_changes` to `sock:inet_sock_set_state`.
+    pub fn attach() -> Result<Self, ProbeError> {
+        if PROGRAMS.is_empty() {
+            return Err(ProbeError::NotBuilt);
+        }
+        let mut ebpf = EbpfLoader::new().load(PROGRAMS)?;
+        attach_tracepoint(
+            &mut ebpf,
+            "count_state_changes",
+            "sock",
+            "inet_sock_set_state",
+        )?;
+        Ok(Self { ebpf })
+    }
+
+    /// TCP state changes counted so far.
+    pub fn state_changes(&self) -> u64 {
+        self.ebpf
+            .map("COUNTERS")
+            .and_then(|m| PerCpuArray::<_, u64>::try_from(m).ok())
+            .and_then(|a| a.get(&counter::STATE_CHANGES, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// Totals of the kernel's per-CPU counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// TCP state changes seen.
+    pub state_changes: u64,
+    /// Records written to the ring buffer.
+    pub events: u64,
+    /// Records lost to a full ring buffer.
+    pub ring_buffer_full: u64,
+    /// Connections closed without a map entry.
+    pub untracked: u64,
+    /// Failed map inserts.
+    pub map_insert_failed: u64,
 }
 
 impl Probe {
-    /// Reads the kernel counters every `interval` until `shutdown`, then detaches.
-    pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
-        let counters = match self
-            .ebpf
-            .map("COUNTERS")
-            .map(PerCpuArray::<_, u64>::try_from)
-        {
-            Some(Ok(map)) => map,
-            Some(Err(source)) => {
-                let e = ProbeError::Map {
-                    name: "COUNTERS",
-                    source,
-                };
-                tracing::error!(error = %e, "eBPF probe counters unreadable");
+    /// The enriched events. Returns `None` after the first call.
+    pub fn take_events(&mut self) -> Option<mpsc::Receiver<ConnectionEvent>> {
+        self.out_rx.take()
+    }
+
+    /// Event fields this kernel cannot give (empty when everything is available).
+    pub fn missing_fields(&self) -> &[&'static str] {
+        &self.missing
+    }
+
+    /// Sums the kernel's per-CPU counters.
+    pub fn kernel_counters(&self) -> KernelCounters {
+        let sum = |slot: u32| -> u64 {
+            self.counters
+                .get(&slot, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            state_changes: sum(counter::STATE_CHANGES),
+            events: sum(counter::EVENTS),
+            ring_buffer_full: sum(counter::RINGBUF_FULL),
+            untracked: sum(counter::UNTRACKED),
+            map_insert_failed: sum(counter::MAP_INSERT_FAILED),
+        }
+    }
+
+    /// Reads the ring buffer until `shutdown`, hands events to the enrichment thread, and
+    /// publishes counters every second. Detaches the programs when it returns.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let (Some(ring), Some(out_tx)) = (self.ring.take(), self.out_tx.take()) else {
+            return;
+        };
+        let (raw_tx, raw_rx) = mpsc::channel::<RawEvent>(self.config.channel_capacity);
+        // The enrichment thread owns the only output sender: when it ends, consumers see the
+        // channel close.
+        let enrichment = {
+            let drops = self.drops.clone();
+            let cache = self.config.enrichment_cache_size;
+            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, out_tx, drops, cache))
+        };
+        // The deprecated constructor is the safe one: AsyncFd owns the RingBuf, which owns the
+        // fd, so the fd stays open for as long as it is registered (the I/O-safety concern
+        // behind the deprecation does not arise).
+        #[allow(deprecated)]
+        let fd = AsyncFd::new(ring);
+        let mut fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                let e = ProbeError::Poll(e);
+                tracing::error!(error = %e, "eBPF probe cannot read its ring buffer");
                 self.status.update(|s| {
                     s.probe.state = ProbeState::Degraded;
                     s.probe.reason = Some(e.to_string());
                 });
                 return;
             }
-            None => {
-                tracing::error!("eBPF map COUNTERS missing from the embedded object");
-                return;
+        };
+        let mut published = Published::default();
+        self.publish(&mut published);
+        let mut last_publish = tokio::time::Instant::now();
+        let mut warned_full = false;
+        loop {
+            // Woken by the kernel (enough records waiting), or drain on the period.
+            let woken = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ready = tokio::time::timeout(READ_PERIOD, fd.readable_mut()) => match ready {
+                    Ok(Ok(mut guard)) => {
+                        self.drain(guard.get_inner_mut(), &raw_tx, &mut warned_full);
+                        guard.clear_ready();
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "eBPF ring buffer poll failed");
+                        break;
+                    }
+                    Err(_elapsed) => false,
+                },
+            };
+            if !woken {
+                self.drain(fd.get_mut(), &raw_tx, &mut warned_full);
+            }
+            if last_publish.elapsed() >= Duration::from_secs(1) {
+                last_publish = tokio::time::Instant::now();
+                self.publish(&mut published);
+            }
+        }
+        self.drain(fd.get_mut(), &raw_tx, &mut warned_full);
+        drop(raw_tx);
+        let _ = enrichment.await;
+        self.publish(&mut published);
+        tracing::info!("eBPF probe detached");
+    }
+
+    /// Reads every record waiting in the ring buffer; never blocks.
+    fn drain(
+        &self,
+        ring: &mut RingBuf<MapData>,
+        raw_tx: &mpsc::Sender<RawEvent>,
+        warned_full: &mut bool,
+    ) {
+        let mut read = 0u64;
+        while let Some(item) = ring.next() {
+            read += 1;
+            match decode::read_raw(&item) {
+                Ok(raw) => {
+                    if raw_tx.try_send(raw).is_err() {
+                        self.drops.reader_full.fetch_add(1, Ordering::Relaxed);
+                        if !*warned_full {
+                            *warned_full = true;
+                            tracing::warn!(
+                                capacity = self.config.channel_capacity,
+                                "probe enrichment channel full; dropping events (counted)"
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "undecodable probe record");
+                }
+            }
+        }
+        self.drops.read.fetch_add(read, Ordering::Relaxed);
+    }
+
+    fn publish(&self, last: &mut Published) {
+        let k = self.kernel_counters();
+        let read = self.drops.read.load(Ordering::Relaxed);
+        let now = Published {
+            state_changes: k.state_changes,
+            events: read,
+            ring_buffer_full: k.ring_buffer_full,
+            untracked: k.untracked,
+            map_insert_failed: k.map_insert_failed,
+            reader_full: self.drops.reader_full.load(Ordering::Relaxed),
+            output_full: self.drops.output_full.load(Ordering::Relaxed),
+            undecodable: self.drops.undecodable.load(Ordering::Relaxed),
+        };
+        if let Some(m) = &self.metrics {
+            m.state_changes
+                .inc_by(now.state_changes.saturating_sub(last.state_changes));
+            m.events.inc_by(now.events.saturating_sub(last.events));
+            for (reason, new, old) in now.drop_pairs(last) {
+                m.drops
+                    .get_or_create(&DropLabels { reason })
+                    .inc_by(new.saturating_sub(old));
+            }
+        }
+        let reasons = now.drop_pairs(last);
+        self.status.update(|s| {
+            s.probe.events = now.events;
+            s.probe.drops = reasons.iter().map(|r| r.1).sum();
+            s.probe.drop_reasons = reasons
+                .iter()
+                .map(|&(reason, n, _)| (reason.to_owned(), n))
+                .collect();
+        });
+        *last = now;
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Published {
+    state_changes: u64,
+    events: u64,
+    ring_buffer_full: u64,
+    untracked: u64,
+    map_insert_failed: u64,
+    reader_full: u64,
+    output_full: u64,
+    undecodable: u64,
+}
+
+impl Published {
+    fn drop_pairs(&self, old: &Published) -> [(&'static str, u64, u64); 6] {
+        [
+            (
+                drop_reason::RING_BUFFER_FULL,
+                self.ring_buffer_full,
+                old.ring_buffer_full,
+            ),
+            (drop_reason::UNTRACKED, self.untracked, old.untracked),
+            (
+                drop_reason::MAP_INSERT_FAILED,
+                self.map_insert_failed,
+                old.map_insert_failed,
+            ),
+            (
+                drop_reason::READER_CHANNEL_FULL,
+                self.reader_full,
+                old.reader_full,
+            ),
+            (
+                drop_reason::OUTPUT_CHANNEL_FULL,
+                self.output_full,
+                old.output_full,
+            ),
+            (drop_reason::UNDECODABLE, self.undecodable, old.undecodable),
+        ]
+    }
+}
+
+/// Decodes and enriches records on a blocking thread (it reads /proc and cgroupfs).
+fn enrich_loop(
+    mut raw_rx: mpsc::Receiver<RawEvent>,
+    out_tx: mpsc::Sender<ConnectionEvent>,
+    drops: Arc<UserDrops>,
+    cache_size: usize,
+) {
+    let clock = decode::Clock::now();
+    let mut enricher = enrich::Enricher::new(cache_size);
+    let mut warned = false;
+    while let Some(raw) = raw_rx.blocking_recv() {
+        let mut event = match decode::decode(&raw, clock) {
+            Ok(e) => e,
+            Err(e) => {
+                drops.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "undecodable probe record");
+                continue;
             }
         };
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = 0u64;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            let total = match counters.get(&counter::STATE_CHANGES, 0) {
-                Ok(per_cpu) => per_cpu.iter().sum::<u64>(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading eBPF counters failed");
-                    continue;
+        enricher.enrich(&mut event);
+        match out_tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                drops.output_full.fetch_add(1, Ordering::Relaxed);
+                if !warned {
+                    warned = true;
+                    tracing::warn!("probe output channel full; dropping events (counted)");
                 }
-            };
-            self.metrics
-                .state_changes
-                .inc_by(total.saturating_sub(last));
-            last = total;
-            self.status.update(|s| s.probe.events = total);
+            }
+            // Nobody consumes any more (shutting down): keep draining so the reader never
+            // blocks, without counting losses that nobody would have seen.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
-        tracing::info!("eBPF probe detached");
     }
 }

@@ -45,6 +45,21 @@ struct BuildLabels {
     version: String,
 }
 
+/// Where the probe's enriched connection events go.
+///
+/// Placeholder: the pipeline (plugin chain + OTLP export) replaces this task and takes the
+/// receiver. Until then the events are consumed and counted so the probe's bounded channel
+/// never fills. Ends when the probe stops (the channel closes).
+async fn consume_connection_events(
+    mut events: tokio::sync::mpsc::Receiver<crate::probe::event::ConnectionEvent>,
+) {
+    let mut seen = 0u64;
+    while events.recv().await.is_some() {
+        seen += 1;
+    }
+    tracing::debug!(events = seen, "connection events consumed");
+}
+
 /// Runs the agent until a shutdown signal, then drains. Returns once everything has stopped.
 pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     run_until(config, wait_for_signal()).await
@@ -73,8 +88,11 @@ pub async fn run_until(
         build_info,
     );
 
-    if let Some(probe) = config.probe.build(&status, &mut registry) {
-        tasks.spawn(probe.run(Duration::from_secs(1), shutdown.clone()));
+    if let Some(mut probe) = config.probe.build(&status, &mut registry) {
+        if let Some(events) = probe.take_events() {
+            tasks.spawn(consume_connection_events(events));
+        }
+        tasks.spawn(probe.run(shutdown.clone()));
     }
 
     // Desired state: one value, swapped whole, for every component that follows it.

@@ -114,6 +114,13 @@ pub struct ProbeStatus {
     pub events: u64,
     /// Events lost (ring buffer full, map evictions, channel full).
     pub drops: u64,
+    /// `drops` by reason (`ring_buffer_full`, `untracked`, `map_insert_failed`,
+    /// `reader_channel_full`, `output_channel_full`, `undecodable`).
+    #[serde(default)]
+    pub drop_reasons: std::collections::BTreeMap<String, u64>,
+    /// Event fields this kernel cannot give (no BTF, no accept hook); empty when complete.
+    #[serde(default)]
+    pub missing_fields: Vec<String>,
 }
 
 /// The probe's state.
@@ -164,6 +171,8 @@ impl StatusHandle {
                 reason: None,
                 events: 0,
                 drops: 0,
+                drop_reasons: Default::default(),
+                missing_fields: Vec::new(),
             },
             export: ExportStatus {
                 state: "off".to_owned(),

@@ -1,16 +1,213 @@
 //! Types shared by edgeward's eBPF programs and the agent that loads them.
 //!
 //! Everything here is `#[repr(C)]` plain data so that the kernel side can write it into BPF maps
-//! and the user side can read it back byte for byte. With the `user` feature the types implement
-//! [`aya::Pod`], which aya requires to read them out of maps.
+//! and the ring buffer, and the user side can read it back byte for byte. With the `user`
+//! feature the types implement [`aya::Pod`], which aya requires to read them out of maps and to
+//! pass them as globals.
 #![no_std]
 
 /// Indexes into the per-CPU `COUNTERS` array map that every kernel program updates.
 ///
 /// The agent sums each slot over all CPUs and exports it as a metric.
 pub mod counter {
-    /// `sock:inet_sock_set_state` events seen for TCP sockets.
+    /// `sock:inet_sock_set_state` events seen for TCP sockets (the floor program and the
+    /// connection program both count here).
     pub const STATE_CHANGES: u32 = 0;
+    /// Records written to the ring buffer.
+    pub const EVENTS: u32 = 1;
+    /// Records lost because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 2;
+    /// Connections that closed without an entry in the `CONNS` map: evicted by the LRU map
+    /// while open, or opened before the probe was attached. Their close is still reported,
+    /// without process and start time.
+    pub const UNTRACKED: u32 = 3;
+    /// Inserts into the `CONNS` map that failed.
+    pub const MAP_INSERT_FAILED: u32 = 4;
     /// Number of slots in the `COUNTERS` map.
-    pub const LEN: u32 = 1;
+    pub const LEN: u32 = 5;
+}
+
+/// Kind of a [`RawEvent`].
+pub mod kind {
+    /// The connection is established (active) or accepted (passive).
+    pub const OPEN: u8 = 1;
+    /// Periodic counters of an open connection.
+    pub const UPDATE: u8 = 2;
+    /// The connection reached `TCP_CLOSE`.
+    pub const CLOSE: u8 = 3;
+}
+
+/// Direction of a connection in a [`RawEvent`].
+pub mod direction {
+    /// `connect()`.
+    pub const ACTIVE: u8 = 1;
+    /// `accept()`.
+    pub const PASSIVE: u8 = 2;
+}
+
+/// `flags` bits of a [`RawEvent`]: which optional fields the kernel could fill in.
+pub mod flags {
+    /// `bytes_sent`, `bytes_received`, `srtt_us`, `rttvar_us` and `retransmits` come from
+    /// `tcp_sock` (BTF offsets were available).
+    pub const TCP_COUNTERS: u16 = 1;
+    /// `netns` is set.
+    pub const NETNS: u16 = 1 << 1;
+    /// `sk_err` is set.
+    pub const SK_ERR: u16 = 1 << 2;
+    /// pid, tgid, comm and cgroup id are those of the process that opened or accepted it.
+    pub const PROCESS: u16 = 1 << 3;
+}
+
+/// Unknown offset in [`Offsets`].
+pub const NO_OFFSET: u32 = u32::MAX;
+
+/// Kernel struct field offsets, read from the running kernel's BTF by the agent and handed to
+/// the programs as the global `OFFSETS` before load. A field is [`NO_OFFSET`] when unknown; the
+/// programs then leave the matching event fields out and clear the matching flag.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    /// `tcp_sock.srtt_us` (u32, smoothed RTT << 3, microseconds).
+    pub srtt_us: u32,
+    /// `tcp_sock.mdev_us` (u32, RTT mean deviation << 2, microseconds).
+    pub mdev_us: u32,
+    /// `tcp_sock.bytes_acked` (u64).
+    pub bytes_acked: u32,
+    /// `tcp_sock.bytes_received` (u64).
+    pub bytes_received: u32,
+    /// `tcp_sock.total_retrans` (u32).
+    pub total_retrans: u32,
+    /// `sock.sk_err` (int).
+    pub sk_err: u32,
+    /// `sock.__sk_common.skc_net.net` (pointer to `struct net`).
+    pub sk_net: u32,
+    /// `net.ns.inum` (u32).
+    pub net_inum: u32,
+    /// Periodic update interval for open connections, nanoseconds (0: no updates).
+    pub update_interval_ns: u64,
+    /// Wake the reader only once this many bytes wait in the ring buffer (0: on every
+    /// record). The reader also drains the buffer on a short timer, so records below the
+    /// threshold are late by at most that period, never lost.
+    pub wakeup_bytes: u64,
+}
+
+impl Offsets {
+    /// Nothing known: the programs report what tracepoint arguments alone give.
+    pub const UNKNOWN: Self = Self {
+        srtt_us: NO_OFFSET,
+        mdev_us: NO_OFFSET,
+        bytes_acked: NO_OFFSET,
+        bytes_received: NO_OFFSET,
+        total_retrans: NO_OFFSET,
+        sk_err: NO_OFFSET,
+        sk_net: NO_OFFSET,
+        net_inum: NO_OFFSET,
+        update_interval_ns: 0,
+        wakeup_bytes: 0,
+    };
+}
+
+/// What the kernel keeps per in-flight connection (value of the `CONNS` LRU map, keyed by the
+/// socket's kernel address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// `bpf_ktime_get_ns` when the open started (SYN sent, or the handshake completed).
+    pub start_ns: u64,
+    /// `bpf_ktime_get_ns` of the last event written for it.
+    pub last_emit_ns: u64,
+    /// cgroup v2 id of the owning process.
+    pub cgroup_id: u64,
+    /// Thread id of the owning process (0 until known).
+    pub pid: u32,
+    /// Thread group id of the owning process (0 until known).
+    pub tgid: u32,
+    /// `comm` of the owning process.
+    pub comm: [u8; 16],
+    /// Retransmits counted by `tcp:tcp_retransmit_skb` (used when BTF is unavailable).
+    pub retransmits: u32,
+    /// [`direction`].
+    pub direction: u8,
+    /// 1 once the open event was written.
+    pub opened: u8,
+    /// 1 once pid/comm are those of the opener.
+    pub attributed: u8,
+    /// Padding.
+    pub _pad: u8,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local port (host order).
+    pub lport: u16,
+    /// Peer port (host order).
+    pub rport: u16,
+    /// Padding.
+    pub _pad2: [u8; 2],
+    /// Local address as the tracepoint gives it in `saddr_v6` (IPv4 is v4-mapped).
+    pub saddr: [u8; 16],
+    /// Peer address, as `saddr`.
+    pub daddr: [u8; 16],
+}
+
+/// One record in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawEvent {
+    /// Kernel address of the socket (identifies the connection while it lives).
+    pub sk: u64,
+    /// [`ConnInfo::start_ns`].
+    pub start_ns: u64,
+    /// `bpf_ktime_get_ns` when this record was written.
+    pub ts_ns: u64,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// `tcp_sock.bytes_acked`.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`.
+    pub bytes_received: u64,
+    /// Thread id.
+    pub pid: u32,
+    /// Thread group id.
+    pub tgid: u32,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// `tcp_sock.srtt_us >> 3`.
+    pub srtt_us: u32,
+    /// `tcp_sock.mdev_us >> 2`.
+    pub rttvar_us: u32,
+    /// Retransmitted segments.
+    pub retransmits: u32,
+    /// `sock.sk_err` at close (a positive errno).
+    pub sk_err: i32,
+    /// Local port (host order).
+    pub lport: u16,
+    /// Peer port (host order).
+    pub rport: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    /// [`flags`] bits.
+    pub flags: u16,
+    /// [`kind`].
+    pub kind: u8,
+    /// [`direction`].
+    pub direction: u8,
+    /// TCP state before the change that closed it (close events).
+    pub oldstate: u8,
+    /// Padding.
+    pub _pad: u8,
+    /// Local address: 4 bytes for IPv4, 16 for IPv6.
+    pub saddr: [u8; 16],
+    /// Peer address.
+    pub daddr: [u8; 16],
+    /// `comm`.
+    pub comm: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data of integers and byte arrays, no padding left implicit.
+    unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RawEvent {}
 }

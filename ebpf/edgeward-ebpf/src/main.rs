@@ -1,44 +1,410 @@
 //! edgeward's kernel programs.
 //!
 //! Built for `bpfel-unknown-none` by the agent's build script (aya-build) and embedded in the
-//! agent binary. Programs attach to stable kernel tracepoints only: many edge kernels are built
-//! without kprobes.
+//! agent binary. Programs attach to stable kernel tracepoints (many edge kernels are built
+//! without kprobes) plus one fexit trampoline on `inet_csk_accept`, which gives the process
+//! that accepted a passive open.
+//!
+//! Life of a connection in the `CONNS` map (keyed by the socket's kernel address):
+//! - `SYN_SENT` (in `connect()`, process context): entry created, process attributed.
+//! - `SYN_RECV -> ESTABLISHED` (softirq, no process): entry created, not attributed.
+//! - `inet_csk_accept` returns it, or its first send/recv: attributed, open event written.
+//! - send/recv after `update_interval_ns`: an update event with the current counters.
+//! - `-> CLOSE`: close event with the final counters, entry removed.
+//!
+//! Kernel struct field offsets come from the running kernel's BTF (global `OFFSETS`).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    macros::{map, tracepoint},
-    maps::PerCpuArray,
-    programs::TracePointContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_current_cgroup_id,
+    },
+    macros::{fexit, map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::{FExitContext, TracePointContext},
 };
-use edgeward_common::counter;
+use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, RawEvent, counter, direction, flags, kind};
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
-/// Offset of `protocol` in the `sock:inet_sock_set_state` record (after the 8-byte common header,
-/// `skaddr` pointer, `oldstate`, `newstate`, `sport`, `dport`, `family`), as given by
-/// /sys/kernel/tracing/events/sock/inet_sock_set_state/format. The tracepoint's layout is ABI.
-const PROTOCOL_OFFSET: usize = 30;
+/// Connections in flight. The agent sets the size at load (`probe.max_connections`).
+#[map]
+static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Events to the agent. The agent sets the size at load (`probe.ring_buffer_bytes`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Field offsets from the running kernel's BTF, set by the agent before load.
+#[unsafe(no_mangle)]
+static OFFSETS: Offsets = Offsets::UNKNOWN;
+
 const IPPROTO_TCP: u16 = 6;
 
-/// Counts TCP state changes. The floor of any design on this tracepoint, and the first
-/// program the agent loads.
+/// `bpf_ringbuf_submit` / `bpf_ringbuf_query` flags (uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+
+/// Field offsets of the `sock:inet_sock_set_state` record, from
+/// /sys/kernel/tracing/events/sock/inet_sock_set_state/format. Tracepoint layouts are ABI.
+mod set_state {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+}
+
+/// `tcp:tcp_retransmit_skb`: `skaddr`.
+const RETRANSMIT_SKADDR: usize = 16;
+/// `sock:sock_send_length` / `sock:sock_recv_length`: `sk`, `protocol`.
+const IO_SK: usize = 8;
+const IO_PROTOCOL: usize = 18;
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(ptr) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: the pointer comes from the map lookup for this CPU and is valid for the
+        // duration of the program; per-CPU slots are never written concurrently.
+        unsafe { *ptr += 1 };
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn offsets() -> Offsets {
+    // SAFETY: OFFSETS lives in read-only global data that the agent fills in before load;
+    // the volatile read keeps the compiler from folding in the default value.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn read_kernel<T: Copy>(base: u64, offset: u32) -> Option<T> {
+    if offset == NO_OFFSET || base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a bad one.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+/// Records the current process as the connection's owner (process context only).
+#[inline(always)]
+fn attribute(info: &mut ConnInfo) {
+    let id = bpf_get_current_pid_tgid();
+    info.pid = id as u32;
+    info.tgid = (id >> 32) as u32;
+    info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    // SAFETY: a helper without pointer arguments.
+    info.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    info.attributed = 1;
+}
+
+/// Writes one record for `sk` to the ring buffer; counts it or its loss.
+#[inline(always)]
+fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let off = offsets();
+    let mut event_flags = 0u16;
+    let srtt: Option<u32> = read_kernel(sk, off.srtt_us);
+    let mdev: Option<u32> = read_kernel(sk, off.mdev_us);
+    let acked: Option<u64> = read_kernel(sk, off.bytes_acked);
+    let received: Option<u64> = read_kernel(sk, off.bytes_received);
+    let retrans: Option<u32> = read_kernel(sk, off.total_retrans);
+    if srtt.is_some() && acked.is_some() && received.is_some() && retrans.is_some() {
+        event_flags |= flags::TCP_COUNTERS;
+    }
+    let sk_err: Option<i32> = read_kernel(sk, off.sk_err);
+    if sk_err.is_some() {
+        event_flags |= flags::SK_ERR;
+    }
+    let net: Option<u64> = read_kernel(sk, off.sk_net);
+    let netns: Option<u32> = match net {
+        Some(net) => read_kernel(net, off.net_inum),
+        None => None,
+    };
+    if netns.is_some() {
+        event_flags |= flags::NETNS;
+    }
+    if info.attributed != 0 {
+        event_flags |= flags::PROCESS;
+    }
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, exclusively owned ring buffer record of the right
+    // size; every field is written before submit.
+    unsafe {
+        (*e).sk = sk;
+        (*e).start_ns = info.start_ns;
+        (*e).ts_ns = now;
+        (*e).cgroup_id = info.cgroup_id;
+        (*e).bytes_acked = acked.unwrap_or(0);
+        (*e).bytes_received = received.unwrap_or(0);
+        (*e).pid = info.pid;
+        (*e).tgid = info.tgid;
+        (*e).netns = netns.unwrap_or(0);
+        (*e).srtt_us = srtt.unwrap_or(0) >> 3;
+        (*e).rttvar_us = mdev.unwrap_or(0) >> 2;
+        (*e).retransmits = match retrans {
+            Some(r) => r,
+            None => info.retransmits,
+        };
+        (*e).sk_err = sk_err.unwrap_or(0);
+        (*e).lport = info.lport;
+        (*e).rport = info.rport;
+        (*e).family = info.family;
+        (*e).flags = event_flags;
+        (*e).kind = event_kind;
+        (*e).direction = info.direction;
+        (*e).oldstate = oldstate as u8;
+        (*e)._pad = 0;
+        (*e).saddr = info.saddr;
+        (*e).daddr = info.daddr;
+        (*e).comm = info.comm;
+    }
+    // Waking the reader costs an irq_work in the kernel and a wakeup in the agent per record;
+    // at tens of thousands of connections a second that dominates. Wake it only when enough
+    // has piled up; it drains on a timer otherwise.
+    let wakeup = if off.wakeup_bytes == 0 || EVENTS.query(BPF_RB_AVAIL_DATA) >= off.wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wakeup);
+    count(counter::EVENTS);
+}
+
+/// Copies addresses and ports from an `inet_sock_set_state` record into `info`.
+#[inline(always)]
+fn read_addresses(ctx: &TracePointContext, info: &mut ConnInfo) -> Result<(), i32> {
+    // SAFETY: the offsets are inside the tracepoint record (see `set_state`); read_at goes
+    // through bpf_probe_read and fails cleanly otherwise.
+    unsafe {
+        info.lport = ctx.read_at(set_state::SPORT)?;
+        info.rport = ctx.read_at(set_state::DPORT)?;
+        info.family = ctx.read_at(set_state::FAMILY)?;
+        info.saddr = ctx.read_at(set_state::SADDR_V6)?;
+        info.daddr = ctx.read_at(set_state::DADDR_V6)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn new_conn(dir: u8, now: u64) -> ConnInfo {
+    ConnInfo {
+        start_ns: now,
+        last_emit_ns: now,
+        cgroup_id: 0,
+        pid: 0,
+        tgid: 0,
+        comm: [0; 16],
+        retransmits: 0,
+        direction: dir,
+        opened: 0,
+        attributed: 0,
+        _pad: 0,
+        family: 0,
+        lport: 0,
+        rport: 0,
+        _pad2: [0; 2],
+        saddr: [0; 16],
+        daddr: [0; 16],
+    }
+}
+
+/// Counts TCP state changes and nothing else: the floor of any design on this tracepoint,
+/// used by the benchmark as the "minimal program" leg.
 #[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+pub fn count_state_changes(ctx: TracePointContext) -> u32 {
     // SAFETY: the offset is inside the tracepoint record; read_at bounds-checks via the helper.
-    let protocol: u16 = match unsafe { ctx.read_at(PROTOCOL_OFFSET) } {
+    let protocol: u16 = match unsafe { ctx.read_at(set_state::PROTOCOL) } {
         Ok(p) => p,
         Err(_) => return 0,
+    };
+    if protocol == IPPROTO_TCP {
+        count(counter::STATE_CHANGES);
+    }
+    0
+}
+
+/// The life cycle of every TCP connection (`sock:inet_sock_set_state`).
+#[tracepoint]
+pub fn conn_state(ctx: TracePointContext) -> u32 {
+    let _ = try_conn_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets inside the tracepoint record (see `set_state`).
+    let protocol: u16 = unsafe { ctx.read_at(set_state::PROTOCOL)? };
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    count(counter::STATE_CHANGES);
+    // SAFETY: as above.
+    let (sk, oldstate, newstate): (u64, i32, i32) = unsafe {
+        (
+            ctx.read_at(set_state::SKADDR)?,
+            ctx.read_at(set_state::OLDSTATE)?,
+            ctx.read_at(set_state::NEWSTATE)?,
+        )
+    };
+    let now = now();
+    match newstate {
+        TCP_SYN_SENT => {
+            // connect(): process context, the owner is current.
+            let mut info = new_conn(direction::ACTIVE, now);
+            attribute(&mut info);
+            read_addresses(ctx, &mut info)?;
+            if CONNS.insert(&sk, &info, 0).is_err() {
+                count(counter::MAP_INSERT_FAILED);
+            }
+        }
+        TCP_ESTABLISHED if oldstate == TCP_SYN_SENT => {
+            if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
+                // SAFETY: a pointer to the map value from the lookup above; entries are
+                // only touched by programs handling this socket, serialised by its lock.
+                let info = unsafe { &mut *ptr };
+                read_addresses(ctx, info)?;
+                info.opened = 1;
+                info.last_emit_ns = now;
+                emit(sk, info, kind::OPEN, oldstate, now);
+            } else {
+                // Not seen in SYN_SENT (map full or evicted): report it without a process.
+                let mut info = new_conn(direction::ACTIVE, now);
+                read_addresses(ctx, &mut info)?;
+                info.opened = 1;
+                emit(sk, &info, kind::OPEN, oldstate, now);
+                if CONNS.insert(&sk, &info, 0).is_err() {
+                    count(counter::MAP_INSERT_FAILED);
+                }
+            }
+        }
+        TCP_ESTABLISHED if oldstate == TCP_SYN_RECV => {
+            // Handshake completed in softirq: the accepting process is not known yet.
+            let mut info = new_conn(direction::PASSIVE, now);
+            read_addresses(ctx, &mut info)?;
+            if CONNS.insert(&sk, &info, 0).is_err() {
+                count(counter::MAP_INSERT_FAILED);
+            }
+        }
+        TCP_CLOSE => {
+            if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
+                // SAFETY: as above.
+                let info = unsafe { &mut *ptr };
+                read_addresses(ctx, info)?;
+                emit(sk, info, kind::CLOSE, oldstate, now);
+                let _ = CONNS.remove(&sk);
+            } else if oldstate != TCP_SYN_RECV && oldstate != 10 {
+                // Neither a listener nor a half-open passive socket: a connection we lost
+                // track of (evicted, or opened before the probe was attached).
+                count(counter::UNTRACKED);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Counts retransmitted segments per connection (`tcp:tcp_retransmit_skb`), for kernels where
+/// `tcp_sock.total_retrans` cannot be read.
+#[tracepoint]
+pub fn conn_retransmit(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset inside the tracepoint record.
+    let sk: u64 = match unsafe { ctx.read_at(RETRANSMIT_SKADDR) } {
+        Ok(sk) => sk,
+        Err(_) => return 0,
+    };
+    if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
+        // SAFETY: map value pointer from the lookup; a lost increment under a race only
+        // matters on kernels without BTF, where this count is used.
+        unsafe { (*ptr).retransmits += 1 };
+    }
+    0
+}
+
+/// `sock:sock_send_length` and `sock:sock_recv_length` (process context): attributes passive
+/// opens that were not seen by the accept hook, writes their open event, and writes periodic
+/// updates of long-lived connections.
+#[tracepoint]
+pub fn conn_io(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets inside the tracepoint record.
+    let (sk, protocol): (u64, u16) = unsafe {
+        match (ctx.read_at(IO_SK), ctx.read_at(IO_PROTOCOL)) {
+            (Ok(sk), Ok(p)) => (sk, p),
+            _ => return 0,
+        }
     };
     if protocol != IPPROTO_TCP {
         return 0;
     }
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter::STATE_CHANGES) {
-        // SAFETY: the pointer comes from the map lookup for this CPU and is valid for the
-        // duration of the program; per-CPU slots are never written concurrently.
-        unsafe { *slot += 1 };
+    let Some(ptr) = CONNS.get_ptr_mut(&sk) else {
+        return 0;
+    };
+    // SAFETY: map value pointer from the lookup.
+    let info = unsafe { &mut *ptr };
+    let now = now();
+    if info.attributed == 0 {
+        attribute(info);
+    }
+    if info.opened == 0 {
+        info.opened = 1;
+        info.last_emit_ns = now;
+        emit(sk, info, kind::OPEN, TCP_ESTABLISHED, now);
+        return 0;
+    }
+    let interval = offsets().update_interval_ns;
+    if interval != 0 && now.wrapping_sub(info.last_emit_ns) >= interval {
+        info.last_emit_ns = now;
+        emit(sk, info, kind::UPDATE, TCP_ESTABLISHED, now);
+    }
+    0
+}
+
+/// fexit on `inet_csk_accept`: the process that accepted a passive open.
+#[fexit(function = "inet_csk_accept")]
+pub fn conn_accept(ctx: FExitContext) -> i32 {
+    let sk: u64 = match ctx.ret::<u64>() {
+        Ok(sk) => sk,
+        Err(_) => return 0,
+    };
+    if sk == 0 {
+        return 0;
+    }
+    let Some(ptr) = CONNS.get_ptr_mut(&sk) else {
+        return 0;
+    };
+    // SAFETY: map value pointer from the lookup.
+    let info = unsafe { &mut *ptr };
+    if info.attributed == 0 {
+        attribute(info);
+    }
+    if info.opened == 0 {
+        let now = now();
+        info.opened = 1;
+        info.last_emit_ns = now;
+        emit(sk, info, kind::OPEN, TCP_ESTABLISHED, now);
     }
     0
 }

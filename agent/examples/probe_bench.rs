@@ -1,0 +1,85 @@
+//! The probe side of `scripts/bench-probe.sh` (not a test: a measurement tool).
+//!
+//! `probe_bench floor` attaches only the counting program (the floor of any design on the
+//! tracepoint); `probe_bench full NETNS_INODE` runs the agent's probe (kernel programs, ring
+//! buffer reader, enrichment, bounded channels) and counts the events of connections in the
+//! given network namespace, where the load generator runs. Both run until stdin closes, then
+//! print one line of `key=value` results.
+
+use std::{io::Read as _, time::Duration};
+
+use edgeward::{
+    probe::{FloorProbe, ProbeConfig, event::Direction, event::EventKind},
+    status::StatusHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+fn wait_for_stdin_eof() {
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("floor") => {
+            let floor = FloorProbe::attach()?;
+            println!("ready");
+            wait_for_stdin_eof();
+            println!("state_changes={}", floor.state_changes());
+            Ok(())
+        }
+        Some("full") => {
+            let netns: u32 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("usage: probe_bench full NETNS_INODE"))?;
+            full(netns)
+        }
+        _ => anyhow::bail!("usage: probe_bench floor | probe_bench full NETNS_INODE"),
+    }
+}
+
+fn full(netns: u32) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let status = StatusHandle::new("bench");
+    let mut probe = {
+        let _guard = rt.enter();
+        ProbeConfig::default().start(&status)?
+    };
+    let mut rx = probe
+        .take_events()
+        .ok_or_else(|| anyhow::anyhow!("no receiver"))?;
+    let shutdown = CancellationToken::new();
+    let task = rt.spawn(probe.run(shutdown.clone()));
+    let counts = rt.spawn(async move {
+        let (mut active, mut passive, mut other) = (0u64, 0u64, 0u64);
+        while let Some(e) = rx.recv().await {
+            if e.netns != netns || e.kind != EventKind::Close {
+                other += 1;
+                continue;
+            }
+            match e.direction {
+                Direction::Active => active += 1,
+                Direction::Passive => passive += 1,
+            }
+        }
+        (active, passive, other)
+    });
+    println!("ready");
+    wait_for_stdin_eof();
+    // Let the last records drain through the ring buffer and both channels.
+    std::thread::sleep(Duration::from_millis(500));
+    shutdown.cancel();
+    rt.block_on(task)?;
+    let (active, passive, other) = rt.block_on(counts)?;
+    let p = status.snapshot().probe;
+    println!(
+        "active_closes={active} passive_closes={passive} other_events={other} events={} drops={} drop_reasons={:?}",
+        p.events, p.drops, p.drop_reasons
+    );
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! Turns the kernel's ring buffer records into [`ConnectionEvent`]s (before enrichment).
+
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use edgeward_common::{RawEvent, direction, flags, kind};
+
+use super::event::{CloseReason, ConnectionEvent, Direction, EventKind};
+
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_SYN_SENT: u8 = 2;
+const TCP_CLOSE_WAIT: u8 = 8;
+
+const EPIPE: i32 = 32;
+const ECONNRESET: i32 = 104;
+const ETIMEDOUT: i32 = 110;
+const ECONNREFUSED: i32 = 111;
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The record is shorter than [`RawEvent`].
+    #[error("ring buffer record of {0} bytes is shorter than a connection record")]
+    Short(usize),
+    /// An unknown `kind` or `direction` value.
+    #[error("ring buffer record has kind {kind} and direction {direction}")]
+    Unknown {
+        /// The kind byte.
+        kind: u8,
+        /// The direction byte.
+        direction: u8,
+    },
+}
+
+/// Size of a [`RawEvent`] record in the ring buffer.
+pub const RECORD_LEN: usize = size_of::<RawEvent>();
+
+/// Reads little-endian fields in order (the layout of [`RawEvent`], `#[repr(C)]` without
+/// implicit padding).
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        let (head, rest) = self.0.split_at(N.min(self.0.len()));
+        out[..head.len()].copy_from_slice(head);
+        self.0 = rest;
+        out
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+    fn u8(&mut self) -> u8 {
+        self.take::<1>()[0]
+    }
+}
+
+/// Copies a record out of ring buffer bytes (written by a little-endian BPF target).
+pub fn read_raw(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
+    if bytes.len() < RECORD_LEN {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    let mut f = Fields(bytes);
+    Ok(RawEvent {
+        sk: f.u64(),
+        start_ns: f.u64(),
+        ts_ns: f.u64(),
+        cgroup_id: f.u64(),
+        bytes_acked: f.u64(),
+        bytes_received: f.u64(),
+        pid: f.u32(),
+        tgid: f.u32(),
+        netns: f.u32(),
+        srtt_us: f.u32(),
+        rttvar_us: f.u32(),
+        retransmits: f.u32(),
+        sk_err: f.u32() as i32,
+        lport: f.u16(),
+        rport: f.u16(),
+        family: f.u16(),
+        flags: f.u16(),
+        kind: f.u8(),
+        direction: f.u8(),
+        oldstate: f.u8(),
+        _pad: f.u8(),
+        saddr: f.take(),
+        daddr: f.take(),
+        comm: f.take(),
+    })
+}
+
+/// Converts the kernel's monotonic clock to Unix time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Unix time minus `CLOCK_MONOTONIC`, nanoseconds.
+    offset_nanos: i128,
+}
+
+impl Clock {
+    /// Measures the offset now.
+    pub fn now() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+            .unwrap_or(0);
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Self {
+            offset_nanos: unix - mono,
+        }
+    }
+
+    /// A fixed offset (tests).
+    pub fn with_offset(offset_nanos: i128) -> Self {
+        Self { offset_nanos }
+    }
+
+    fn unix(self, mono_nanos: u64) -> u64 {
+        u64::try_from(mono_nanos as i128 + self.offset_nanos).unwrap_or(0)
+    }
+}
+
+fn address(bytes: [u8; 16], port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv6Addr::from(bytes).to_canonical(), port)
+}
+
+fn comm(raw: &[u8; 16]) -> Arc<str> {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    Arc::from(String::from_utf8_lossy(&raw[..end]))
+}
+
+/// A per-boot unique id from the socket address and its start time (a socket address is
+/// reused once the socket is freed; the pair is not).
+fn conn_id(sk: u64, start_ns: u64) -> u64 {
+    // splitmix64 finaliser over the pair.
+    let mut z = sk ^ start_ns.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// How a connection ended, from the state it left and the socket's error.
+pub fn close_reason(oldstate: u8, sk_err: i32) -> CloseReason {
+    match (oldstate, sk_err) {
+        (_, ETIMEDOUT) => CloseReason::TimedOut,
+        (_, ECONNREFUSED) => CloseReason::Refused,
+        // A connect() the application gave up on before any answer.
+        (TCP_SYN_SENT, _) => CloseReason::Normal,
+        (_, ECONNRESET | EPIPE) => CloseReason::Reset,
+        // Straight from ESTABLISHED or CLOSE_WAIT to CLOSE, skipping the FIN states: an
+        // abortive close, which sends a RST.
+        (TCP_ESTABLISHED | TCP_CLOSE_WAIT, _) => CloseReason::Reset,
+        _ => CloseReason::Normal,
+    }
+}
+
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
+
+/// Payload bytes from the kernel's sequence-space counters. `bytes_acked` counts the SYN of an
+/// active open and our FIN once acknowledged; `bytes_received` counts the peer's FIN. Which of
+/// those happened follows from the direction and the state the connection closed from.
+fn payload_bytes(raw: &RawEvent) -> (u64, u64) {
+    if raw.flags & flags::TCP_COUNTERS == 0 {
+        return (0, 0);
+    }
+    let syn = u64::from(raw.direction == direction::ACTIVE && raw.bytes_acked > 0);
+    let (fin_out, fin_in) = if raw.kind == kind::CLOSE {
+        let old = raw.oldstate;
+        (
+            // FIN_WAIT2, CLOSING and LAST_ACK are left for CLOSE once our FIN is acked.
+            matches!(old, TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK) && raw.sk_err == 0,
+            // The peer's FIN arrived in FIN_WAIT2 (to TIME_WAIT), CLOSE_WAIT, LAST_ACK,
+            // CLOSING.
+            matches!(
+                old,
+                TCP_FIN_WAIT2 | TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING
+            ) && raw.sk_err != ECONNRESET,
+        )
+    } else {
+        (false, false)
+    };
+    (
+        raw.bytes_acked.saturating_sub(syn + u64::from(fin_out)),
+        raw.bytes_received.saturating_sub(u64::from(fin_in)),
+    )
+}
+
+/// Decodes one record. `flags` of the record says which fields the kernel could fill in;
+/// absent ones are zero.
+pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeError> {
+    let unknown = || DecodeError::Unknown {
+        kind: raw.kind,
+        direction: raw.direction,
+    };
+    let event_kind = match raw.kind {
+        kind::OPEN => EventKind::Open,
+        kind::UPDATE => EventKind::Update,
+        kind::CLOSE => EventKind::Close,
+        _ => return Err(unknown()),
+    };
+    let dir = match raw.direction {
+        direction::ACTIVE => Direction::Active,
+        direction::PASSIVE => Direction::Passive,
+        _ => return Err(unknown()),
+    };
+    let close = match event_kind {
+        EventKind::Close => close_reason(raw.oldstate, raw.sk_err),
+        _ => CloseReason::Open,
+    };
+    let process = raw.flags & flags::PROCESS != 0;
+    let (bytes_sent, bytes_received) = payload_bytes(raw);
+    Ok(ConnectionEvent {
+        kind: event_kind,
+        conn_id: conn_id(raw.sk, raw.start_ns),
+        direction: dir,
+        local: address(raw.saddr, raw.lport),
+        peer: address(raw.daddr, raw.rport),
+        pid: if process { raw.pid } else { 0 },
+        tgid: if process { raw.tgid } else { 0 },
+        comm: if process {
+            comm(&raw.comm)
+        } else {
+            Arc::from("")
+        },
+        cgroup_id: if process { raw.cgroup_id } else { 0 },
+        netns: raw.netns,
+        start_unix_nanos: clock.unix(raw.start_ns),
+        end_unix_nanos: match event_kind {
+            EventKind::Open => 0,
+            _ => clock.unix(raw.ts_ns),
+        },
+        bytes_sent,
+        bytes_received,
+        srtt_us: raw.srtt_us,
+        rttvar_us: raw.rttvar_us,
+        retransmits: raw.retransmits,
+        close_reason: close,
+        executable: None,
+        container_id: None,
+        pod_uid: None,
+        edits: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawEvent {
+        let mut saddr = [0u8; 16];
+        saddr[10] = 0xff;
+        saddr[11] = 0xff;
+        saddr[12..].copy_from_slice(&[127, 0, 0, 1]);
+        RawEvent {
+            sk: 0xffff_8880_1234_5678,
+            start_ns: 1_000,
+            ts_ns: 5_000,
+            cgroup_id: 42,
+            bytes_acked: 100,
+            bytes_received: 200,
+            pid: 7,
+            tgid: 6,
+            netns: 4026531840,
+            srtt_us: 30,
+            rttvar_us: 10,
+            retransmits: 2,
+            sk_err: 0,
+            lport: 40000,
+            rport: 8080,
+            family: 2,
+            flags: flags::PROCESS | flags::TCP_COUNTERS,
+            kind: kind::CLOSE,
+            direction: direction::ACTIVE,
+            oldstate: 9,
+            _pad: 0,
+            saddr,
+            daddr: saddr,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    #[test]
+    fn v4_mapped_addresses_become_ipv4() {
+        let ev = decode(&raw(), Clock::with_offset(1_000_000)).unwrap();
+        assert_eq!(ev.local, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(ev.peer, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(&*ev.comm, "curl");
+        assert_eq!(ev.start_unix_nanos, 1_001_000);
+        assert_eq!(ev.duration_nanos(), 4_000);
+        assert_eq!(ev.close_reason, CloseReason::Normal);
+    }
+
+    #[test]
+    fn sequence_space_is_not_payload() {
+        // Active open closed from LAST_ACK: SYN and FIN acked, peer FIN received.
+        let ev = decode(&raw(), Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (98, 199));
+        // Passive side that closed first (FIN_WAIT2 -> TIME_WAIT): FIN each way, no SYN.
+        let mut r = raw();
+        r.direction = direction::PASSIVE;
+        r.oldstate = 5;
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (99, 199));
+        // Open event of an active open: only the SYN.
+        r.direction = direction::ACTIVE;
+        r.kind = kind::OPEN;
+        r.bytes_acked = 1;
+        r.bytes_received = 0;
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (0, 0));
+    }
+
+    #[test]
+    fn ipv6_stays_ipv6() {
+        let mut r = raw();
+        r.family = 10;
+        r.saddr = Ipv6Addr::LOCALHOST.octets();
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        assert_eq!(ev.local, "[::1]:40000".parse().unwrap());
+    }
+
+    #[test]
+    fn close_reasons() {
+        assert_eq!(close_reason(2, 111), CloseReason::Refused);
+        assert_eq!(close_reason(2, 110), CloseReason::TimedOut);
+        assert_eq!(close_reason(1, 110), CloseReason::TimedOut);
+        assert_eq!(close_reason(1, 104), CloseReason::Reset);
+        assert_eq!(close_reason(1, 0), CloseReason::Reset);
+        assert_eq!(close_reason(8, 32), CloseReason::Reset);
+        assert_eq!(close_reason(9, 0), CloseReason::Normal);
+        assert_eq!(close_reason(5, 0), CloseReason::Normal);
+    }
+
+    #[test]
+    fn unattributed_records_carry_no_process() {
+        let mut r = raw();
+        r.flags = 0;
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        assert_eq!((ev.pid, ev.tgid, &*ev.comm, ev.cgroup_id), (0, 0, "", 0));
+    }
+
+    #[test]
+    fn bad_records_are_errors() {
+        assert_eq!(read_raw(&[0; 8]).unwrap_err(), DecodeError::Short(8));
+        let mut r = raw();
+        r.kind = 9;
+        assert!(decode(&r, Clock::with_offset(0)).is_err());
+    }
+
+    #[test]
+    fn record_layout_matches_the_kernel_struct() {
+        assert_eq!(RECORD_LEN, 136);
+        assert_eq!(std::mem::offset_of!(RawEvent, saddr), 88);
+        assert_eq!(std::mem::offset_of!(RawEvent, comm), 120);
+        let mut bytes = vec![0u8; RECORD_LEN];
+        bytes[48..52].copy_from_slice(&7u32.to_le_bytes()); // pid
+        bytes[76..78].copy_from_slice(&443u16.to_le_bytes()); // lport
+        bytes[84] = kind::CLOSE;
+        bytes[120..125].copy_from_slice(b"nginx");
+        let r = read_raw(&bytes).unwrap();
+        assert_eq!((r.pid, r.lport, r.kind), (7, 443, kind::CLOSE));
+        assert_eq!(&r.comm[..5], b"nginx");
+    }
+
+    #[test]
+    fn conn_id_differs_for_a_reused_socket() {
+        assert_ne!(conn_id(1, 2), conn_id(1, 3));
+        assert_eq!(conn_id(1, 2), conn_id(1, 2));
+    }
+}

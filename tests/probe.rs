@@ -1,0 +1,526 @@
+//! The eBPF TCP probe against this kernel: real programs, real connections made by child
+//! processes whose pids the test knows, events filtered by the test's own ports and pids
+//! (other tests and engineers make TCP connections on this machine at the same time).
+//!
+//! These tests need root and BPF; without them they fail with a message saying so.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use edgeward::probe::{
+    ProbeConfig,
+    event::{CloseReason, ConnectionEvent, Direction, EventKind},
+};
+use support::probe::{NetNs, RunningProbe, Traffic, VethPair};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn host_netns() -> u32 {
+    std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32
+}
+
+fn of_kind(events: &[ConnectionEvent], kind: EventKind, pid: u32) -> Vec<&ConnectionEvent> {
+    events
+        .iter()
+        .filter(|e| e.kind == kind && e.tgid == pid)
+        .collect()
+}
+
+fn closes_by(events: &[ConnectionEvent], pid: u32) -> usize {
+    of_kind(events, EventKind::Close, pid).len()
+}
+
+/// N connections each way of known size; every one reported once per end, exactly.
+fn known_traffic(host: &str, reported_ip: &str) {
+    const N: usize = 5;
+    const UP: u64 = 3_000;
+    const DOWN: u64 = 50_000;
+    let probe = RunningProbe::start(ProbeConfig::default());
+    let t0 = unix_now();
+    let mut server = Traffic::spawn(
+        None,
+        &[
+            "server",
+            host,
+            &N.to_string(),
+            &UP.to_string(),
+            &DOWN.to_string(),
+            "normal",
+        ],
+    );
+    let port = server.port();
+    let client = Traffic::spawn(
+        None,
+        &[
+            "client",
+            host,
+            &port.to_string(),
+            &N.to_string(),
+            &UP.to_string(),
+            &DOWN.to_string(),
+        ],
+    );
+    let (spid, cpid) = (server.pid(), client.pid());
+    assert_eq!(client.finish().last().map(String::as_str), Some("done"));
+    server.finish();
+    let t1 = unix_now();
+    probe.wait_events(port, WAIT, "a close per end", |e| {
+        closes_by(e, spid) >= N && closes_by(e, cpid) >= N
+    });
+    // Give duplicates a chance to show up before counting exactly.
+    std::thread::sleep(Duration::from_millis(300));
+    let events = probe.events_on_port(port);
+    let ip: std::net::IpAddr = reported_ip.parse().unwrap();
+    let server_addr = SocketAddr::new(ip, port);
+
+    let client_closes = of_kind(&events, EventKind::Close, cpid);
+    let server_closes = of_kind(&events, EventKind::Close, spid);
+    assert_eq!(client_closes.len(), N, "{host}: {events:#?}");
+    assert_eq!(server_closes.len(), N, "{host}: {events:#?}");
+    assert_eq!(
+        events.len(),
+        4 * N,
+        "{host}: one open and one close per end, nothing else: {events:#?}"
+    );
+    for c in &client_closes {
+        assert_eq!(c.direction, Direction::Active, "{c:#?}");
+        assert_eq!(c.peer, server_addr, "{c:#?}");
+        assert_eq!(c.local.ip(), ip, "{c:#?}");
+        assert_eq!(
+            (c.pid, c.tgid, &*c.comm),
+            (cpid, cpid, "ew-client"),
+            "{c:#?}"
+        );
+        assert_eq!((c.bytes_sent, c.bytes_received), (UP, DOWN), "{c:#?}");
+        assert_eq!(c.close_reason, CloseReason::Normal, "{c:#?}");
+        assert_eq!(c.netns, host_netns(), "{c:#?}");
+        assert!(c.cgroup_id != 0, "{c:#?}");
+        assert!(c.srtt_us > 0, "{c:#?}");
+        assert_eq!(c.retransmits, 0, "{c:#?}");
+        assert!(t0 <= c.start_unix_nanos && c.end_unix_nanos <= t1, "{c:#?}");
+        assert!(
+            c.duration_nanos() > 0 && c.duration_nanos() < 5_000_000_000,
+            "{c:#?}"
+        );
+        // Its server end: same addresses swapped, the server's process, bytes mirrored.
+        let s = server_closes
+            .iter()
+            .find(|s| s.peer == c.local)
+            .unwrap_or_else(|| panic!("no server close for {}: {events:#?}", c.local));
+        assert_eq!(s.direction, Direction::Passive, "{s:#?}");
+        assert_eq!(s.local, server_addr, "{s:#?}");
+        assert_eq!(
+            (s.pid, s.tgid, &*s.comm),
+            (spid, spid, "ew-server"),
+            "{s:#?}"
+        );
+        assert_eq!((s.bytes_sent, s.bytes_received), (DOWN, UP), "{s:#?}");
+        assert_eq!(s.close_reason, CloseReason::Normal, "{s:#?}");
+        assert!(s.duration_nanos() > 0 && s.duration_nanos() <= c.duration_nanos());
+        // Each end's open event carries the same connection id as its close.
+        for end in [c, s] {
+            let opens: Vec<_> = events
+                .iter()
+                .filter(|e| e.kind == EventKind::Open && e.conn_id == end.conn_id)
+                .collect();
+            assert_eq!(opens.len(), 1, "{end:#?}\n{events:#?}");
+            assert_eq!(opens[0].local, end.local);
+            assert_eq!(opens[0].tgid, end.tgid);
+        }
+    }
+    // No loss on the way. (`untracked` is left out: connections of other processes that
+    // were opened before this probe started may close meanwhile.)
+    let status = probe.status.snapshot().probe;
+    for reason in [
+        "ring_buffer_full",
+        "map_insert_failed",
+        "reader_channel_full",
+        "output_channel_full",
+        "undecodable",
+    ] {
+        assert_eq!(status.drop_reasons.get(reason), Some(&0), "{status:?}");
+    }
+}
+
+#[test]
+fn ipv4_connections_are_reported_exactly() {
+    known_traffic("127.0.0.1", "127.0.0.1");
+}
+
+#[test]
+fn ipv6_connections_are_reported_exactly() {
+    known_traffic("::1", "::1");
+}
+
+#[test]
+fn v4_mapped_ipv6_connections_are_reported_as_ipv4() {
+    known_traffic("::ffff:127.0.0.1", "127.0.0.1");
+}
+
+#[test]
+fn refused_and_reset_connections_carry_their_outcome() {
+    let probe = RunningProbe::start(ProbeConfig::default());
+    // Refused: nobody listens on a port we just released.
+    let closed_port = support::free_port();
+    let client = Traffic::spawn(
+        None,
+        &[
+            "client",
+            "127.0.0.1",
+            &closed_port.to_string(),
+            "1",
+            "10",
+            "10",
+        ],
+    );
+    let cpid = client.pid();
+    assert!(client.finish().contains(&"refused".to_owned()));
+    let events = probe.wait_events(closed_port, WAIT, "the refused close", |e| {
+        closes_by(e, cpid) == 1
+    });
+    let refused = of_kind(&events, EventKind::Close, cpid)[0];
+    assert_eq!(refused.close_reason, CloseReason::Refused, "{refused:#?}");
+    assert_eq!(refused.direction, Direction::Active);
+    assert_eq!(&*refused.comm, "ew-client");
+    assert_eq!(
+        of_kind(&events, EventKind::Open, cpid).len(),
+        0,
+        "{events:#?}"
+    );
+
+    // Reset: the server closes with SO_LINGER 0 after reading the request.
+    let mut server = Traffic::spawn(None, &["server", "127.0.0.1", "1", "100", "0", "reset"]);
+    let port = server.port();
+    let client = Traffic::spawn(
+        None,
+        &["client", "127.0.0.1", &port.to_string(), "1", "100", "10"],
+    );
+    let (spid, cpid) = (server.pid(), client.pid());
+    assert!(client.finish().contains(&"reset".to_owned()));
+    server.finish();
+    let events = probe.wait_events(port, WAIT, "both reset closes", |e| {
+        closes_by(e, cpid) == 1 && closes_by(e, spid) == 1
+    });
+    let c = of_kind(&events, EventKind::Close, cpid)[0];
+    let s = of_kind(&events, EventKind::Close, spid)[0];
+    assert_eq!(c.close_reason, CloseReason::Reset, "client {c:#?}");
+    assert_eq!(s.close_reason, CloseReason::Reset, "server {s:#?}");
+    assert!(c.close_reason.is_error());
+    assert_eq!(s.bytes_received, 100, "{s:#?}");
+}
+
+#[test]
+fn connections_in_another_network_namespace_are_attributed_to_it() {
+    let probe = RunningProbe::start(ProbeConfig::default());
+    let ns = NetNs::new("attr");
+    let mut server = Traffic::spawn(
+        Some(&ns),
+        &["server", "127.0.0.1", "2", "10", "10", "normal"],
+    );
+    let port = server.port();
+    let client = Traffic::spawn(
+        Some(&ns),
+        &["client", "127.0.0.1", &port.to_string(), "2", "10", "10"],
+    );
+    let (spid, cpid) = (server.pid(), client.pid());
+    client.finish();
+    server.finish();
+    let events = probe.wait_events(port, WAIT, "closes in the namespace", |e| {
+        closes_by(e, cpid) == 2 && closes_by(e, spid) == 2
+    });
+    let inode = ns.inode();
+    assert_ne!(inode, host_netns());
+    for e in events.iter().filter(|e| e.tgid == cpid || e.tgid == spid) {
+        assert_eq!(e.netns, inode, "{e:#?}");
+    }
+}
+
+#[test]
+fn retransmits_are_counted_on_a_lossy_path_and_not_on_a_clean_one() {
+    let probe = RunningProbe::start(ProbeConfig::default());
+    let net = VethPair::new("rt");
+    const BYTES: &str = "400000";
+    let mut lossy = Traffic::spawn(
+        Some(&net.b),
+        &["server", &net.addr_b, "1", BYTES, "10", "normal"],
+    );
+    let mut clean = Traffic::spawn(
+        Some(&net.b),
+        &["server", &net.addr_b, "1", BYTES, "10", "normal"],
+    );
+    let (lossy_port, clean_port) = (lossy.port(), clean.port());
+    // Drop 10 % of the segments that reach the lossy server (nftables: no netem here).
+    net.b.exec(&["nft", "add", "table", "inet", "ewloss"]);
+    net.b.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "ewloss",
+        "input",
+        "{ type filter hook input priority 0; policy accept; }",
+    ]);
+    net.b.exec(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "ewloss",
+        "input",
+        "tcp",
+        "dport",
+        &lossy_port.to_string(),
+        "numgen",
+        "random",
+        "mod",
+        "10",
+        "0",
+        "drop",
+    ]);
+    let mut pids = Vec::new();
+    for port in [lossy_port, clean_port] {
+        let client = Traffic::spawn(
+            Some(&net.a),
+            &["client", &net.addr_b, &port.to_string(), "1", BYTES, "10"],
+        );
+        pids.push(client.pid());
+        client.finish();
+    }
+    lossy.finish();
+    clean.finish();
+    let mut retrans = Vec::new();
+    for (port, pid) in [lossy_port, clean_port].into_iter().zip(&pids) {
+        let events = probe.wait_events(port, WAIT, "the client close", |e| closes_by(e, *pid) == 1);
+        let c = of_kind(&events, EventKind::Close, *pid)[0].clone();
+        assert_eq!(c.bytes_sent, 400_000, "{c:#?}");
+        assert_eq!(c.netns, net.a.inode(), "{c:#?}");
+        retrans.push(c.retransmits);
+    }
+    assert!(retrans[0] > 0, "lossy connection: {retrans:?}");
+    assert_eq!(retrans[1], 0, "clean connection: {retrans:?}");
+}
+
+/// `rtt:SRTT/RTTVAR` (milliseconds) of the established socket on local port `port`.
+fn ss_rtt(port: u16) -> (f64, f64) {
+    let out = support::probe::run(
+        "ss",
+        &[
+            "-tinH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ],
+    );
+    let field = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rtt:"))
+        .unwrap_or_else(|| panic!("no rtt in ss output: {out}"));
+    let (srtt, var) = field.split_once('/').expect("rtt:a/b");
+    (srtt.parse().unwrap(), var.parse().unwrap())
+}
+
+#[test]
+fn rtt_of_a_live_connection_agrees_with_ss() {
+    let probe = RunningProbe::start(ProbeConfig {
+        update_interval: Duration::from_millis(200),
+        ..ProbeConfig::default()
+    });
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    // Let delayed ACKs settle: the server's srtt stays put while nothing is in flight.
+    std::thread::sleep(Duration::from_millis(400));
+    let (srtt_ms, var_ms) = ss_rtt(port);
+    let asked = unix_now();
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    let epid = echo.pid();
+    let events = probe.wait_events(port, WAIT, "an update of the live connection", |e| {
+        e.iter()
+            .any(|e| e.kind == EventKind::Update && e.tgid == epid && e.end_unix_nanos >= asked)
+    });
+    let update = events
+        .iter()
+        .find(|e| e.kind == EventKind::Update && e.tgid == epid && e.end_unix_nanos >= asked)
+        .unwrap();
+    assert_eq!(update.close_reason, CloseReason::Open);
+    assert_eq!(update.bytes_received, 20 * 4 + 4, "{update:#?}");
+    let ours = (
+        update.srtt_us as f64 / 1000.0,
+        update.rttvar_us as f64 / 1000.0,
+    );
+    assert!(
+        (ours.0 - srtt_ms).abs() <= 0.0015 && (ours.1 - var_ms).abs() <= 0.0015,
+        "probe rtt {ours:?} ms vs ss {:?} ms: {update:#?}",
+        (srtt_ms, var_ms)
+    );
+    pinger.send_line("bye");
+    pinger.finish();
+    drop(echo);
+}
+
+#[test]
+fn without_btf_the_probe_loads_with_tracepoint_fields_and_says_what_is_missing() {
+    let probe = RunningProbe::start(ProbeConfig {
+        btf_path: "/nonexistent/vmlinux".into(),
+        ..ProbeConfig::default()
+    });
+    let status = probe.status.snapshot().probe;
+    assert_eq!(status.state, edgeward::status::ProbeState::Degraded);
+    let reason = status.reason.clone().unwrap_or_default();
+    assert!(reason.contains("/nonexistent/vmlinux"), "{reason}");
+    for field in ["bytes_sent", "srtt_us", "netns"] {
+        assert!(
+            status.missing_fields.iter().any(|f| f == field),
+            "{field} not in {:?}",
+            status.missing_fields
+        );
+    }
+    let mut server = Traffic::spawn(None, &["server", "127.0.0.1", "1", "10", "20", "normal"]);
+    let port = server.port();
+    let client = Traffic::spawn(
+        None,
+        &["client", "127.0.0.1", &port.to_string(), "1", "10", "20"],
+    );
+    let (spid, cpid) = (server.pid(), client.pid());
+    client.finish();
+    server.finish();
+    let events = probe.wait_events(port, WAIT, "closes", |e| {
+        closes_by(e, cpid) == 1 && closes_by(e, spid) == 1
+    });
+    let c = of_kind(&events, EventKind::Close, cpid)[0];
+    assert_eq!(c.peer.port(), port);
+    assert_eq!(&*c.comm, "ew-client");
+    assert_eq!((c.bytes_sent, c.srtt_us, c.netns), (0, 0, 0), "{c:#?}");
+    assert!(c.duration_nanos() > 0);
+    let s = of_kind(&events, EventKind::Close, spid)[0];
+    assert_eq!(
+        &*s.comm, "ew-server",
+        "attributed at its first receive: {s:#?}"
+    );
+}
+
+#[test]
+fn invalid_probe_config_names_the_key() {
+    for (toml, key) in [
+        (
+            "[probe]\nring_buffer_bytes = 5000\n",
+            "probe.ring_buffer_bytes",
+        ),
+        ("[probe]\nmax_connections = 1\n", "probe.max_connections"),
+        (
+            "[probe]\nupdate_interval = \"1ms\"\n",
+            "probe.update_interval",
+        ),
+        ("[probe]\nchannel_capacity = 0\n", "probe.channel_capacity"),
+        (
+            "[probe]\nenrichment_cache_size = 0\n",
+            "probe.enrichment_cache_size",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgeward.toml");
+        std::fs::write(&path, toml).unwrap();
+        let (code, _, stderr) = support::edgeward(&["run", "--config", path.to_str().unwrap()]);
+        assert_ne!(code, 0, "{toml}");
+        assert!(stderr.contains(key), "{toml}: {stderr}");
+    }
+}
+
+#[test]
+fn agent_exports_probe_counters_in_status_and_metrics() {
+    let agent = support::Agent::spawn(&[]);
+    agent.wait_ready(Duration::from_secs(20));
+    let mut server = Traffic::spawn(None, &["server", "127.0.0.1", "3", "10", "10", "normal"]);
+    let port = server.port();
+    Traffic::spawn(
+        None,
+        &["client", "127.0.0.1", &port.to_string(), "3", "10", "10"],
+    )
+    .finish();
+    server.finish();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let status = agent.status();
+        // 3 connections = 12 events at least (an open and a close per end), published each
+        // second.
+        if status["probe"]["events"].as_u64().unwrap_or(0) >= 12 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["probe"]["state"], "running", "{status}");
+    assert!(status["probe"]["drops"].is_u64(), "{status}");
+    assert!(
+        status["probe"]["drop_reasons"]["ring_buffer_full"].is_u64(),
+        "{status}"
+    );
+    let (_, metrics) = agent.get("/metrics");
+    for name in [
+        "edgeward_probe_events_total",
+        "edgeward_probe_drops_total{reason=\"ring_buffer_full\"}",
+        "edgeward_probe_drops_total{reason=\"output_channel_full\"}",
+        "edgeward_probe_tcp_state_changes_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
+
+#[test]
+fn without_privileges_the_agent_runs_with_the_probe_degraded() {
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let dir = tempfile::tempdir().unwrap();
+    // Root without any capability: BPF is refused, everything else works.
+    let mut child = Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
+        .arg(support::edgeward_bin())
+        .args([
+            "run",
+            &format!("--admin-addr={admin}"),
+            "--node-name=nocaps",
+        ])
+        .arg(format!("--cache-dir={}", dir.path().display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("setpriv (util-linux) must be installed: run scripts/setup.sh");
+    let deadline = Instant::now() + WAIT;
+    let status: serde_json::Value = loop {
+        if let Ok((200, body)) = support::http_get(&format!("http://{admin}/status")) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["probe"]["state"] != "starting" {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent without capabilities never served /status"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status["probe"]["state"], "degraded", "{status}");
+    let reason = status["probe"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("Operation not permitted") || reason.contains("permission"),
+        "{reason}"
+    );
+}
