@@ -322,9 +322,7 @@ impl ReceivedMetric {
     }
 }
 
-fn number_point(
-    p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint,
-) -> ReceivedPoint {
+fn number_point(p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> ReceivedPoint {
     use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as V;
     ReceivedPoint {
         attributes: attributes(&p.attributes),
@@ -396,7 +394,12 @@ impl Shared {
         }
     }
 
-    fn take_traces(&self, req: ExportTraceServiceRequest, transport: Transport, headers: BTreeMap<String, String>) {
+    fn take_traces(
+        &self,
+        req: ExportTraceServiceRequest,
+        transport: Transport,
+        headers: BTreeMap<String, String>,
+    ) {
         let mut spans = Vec::new();
         for rs in &req.resource_spans {
             let resource = rs
@@ -424,7 +427,12 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    fn take_metrics(&self, req: ExportMetricsServiceRequest, transport: Transport, headers: BTreeMap<String, String>) {
+    fn take_metrics(
+        &self,
+        req: ExportMetricsServiceRequest,
+        transport: Transport,
+        headers: BTreeMap<String, String>,
+    ) {
         let mut metrics = Vec::new();
         for rm in &req.resource_metrics {
             let resource = rm
@@ -506,7 +514,11 @@ impl MetricsService for Grpc {
     }
 }
 
-fn http_body(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Result<Vec<u8>, Response> {
+fn http_body(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Vec<u8>, (StatusCode, String)> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -515,8 +527,7 @@ fn http_body(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Result<Vec<u8
         return Err((
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("content-type {ct:?}: only application/x-protobuf"),
-        )
-            .into_response());
+        ));
     }
     let gzip = headers
         .get(header::CONTENT_ENCODING)
@@ -526,7 +537,7 @@ fn http_body(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Result<Vec<u8
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&body[..])
             .read_to_end(&mut out)
-            .map_err(|e| (StatusCode::BAD_REQUEST, format!("gzip: {e}")).into_response())?;
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("gzip: {e}")))?;
         Ok(out)
     } else {
         Ok(body.to_vec())
@@ -549,7 +560,7 @@ async fn http_traces(
     shared.delay().await;
     let bytes = match http_body(&shared, &headers, body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match ExportTraceServiceRequest::decode(&bytes[..]) {
         Ok(req) => {
@@ -570,7 +581,7 @@ async fn http_metrics(
     shared.delay().await;
     let bytes = match http_body(&shared, &headers, body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match ExportMetricsServiceRequest::decode(&bytes[..]) {
         Ok(req) => {
@@ -695,9 +706,10 @@ impl Sink {
 
     /// Changes how long the sink waits before answering.
     pub fn set_delay(&self, delay: Duration) {
-        self.shared
-            .delay_ms
-            .store(delay.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.shared.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Every span received so far.
