@@ -15,6 +15,8 @@ use tokio::sync::watch;
 use crate::{
     admin::AdminError,
     config::{AgentConfig, ConfigError},
+    export::{ExportTelemetry, Exporter, spans::NodeIdentity},
+    pipeline,
     status::{ConfigSource, StatusHandle},
     sync::{self, Applier, DesiredState, SyncMetrics},
 };
@@ -45,21 +47,6 @@ struct BuildLabels {
     version: String,
 }
 
-/// Where the probe's enriched connection events go.
-///
-/// Placeholder: the pipeline (plugin chain + OTLP export) replaces this task and takes the
-/// receiver. Until then the events are consumed and counted so the probe's bounded channel
-/// never fills. Ends when the probe stops (the channel closes).
-async fn consume_connection_events(
-    mut events: tokio::sync::mpsc::Receiver<crate::probe::event::ConnectionEvent>,
-) {
-    let mut seen = 0u64;
-    while events.recv().await.is_some() {
-        seen += 1;
-    }
-    tracing::debug!(events = seen, "connection events consumed");
-}
-
 /// Runs the agent until a shutdown signal, then drains. Returns once everything has stopped.
 pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     run_until(config, wait_for_signal()).await
@@ -88,10 +75,11 @@ pub async fn run_until(
         build_info,
     );
 
+    // The probe's enriched events are the pipeline's input; without a probe the pipeline
+    // still runs (and exports self-telemetry) on a channel nothing writes to.
+    let mut probe_events = None;
     if let Some(mut probe) = config.probe.build(&status, &mut registry) {
-        if let Some(events) = probe.take_events() {
-            tasks.spawn(consume_connection_events(events));
-        }
+        probe_events = probe.take_events();
         tasks.spawn(probe.run(shutdown.clone()));
     }
 
@@ -142,8 +130,21 @@ pub async fn run_until(
         tracing::info!("no etcd endpoints and no standalone.config_dir: built-in defaults");
         applier.reset(sync::Snapshot::default(), ConfigSource::Default);
     }
-    // Components that follow the desired state subscribe to this receiver.
-    let _desired_state = state_rx;
+
+    // Pipeline and export: probe events -> batches -> plugin chain -> OTLP. Export settings
+    // follow the synced `export` section; the chain is KeepAll until the plugin host sends one.
+    let export_telemetry = ExportTelemetry::default();
+    export_telemetry.register(&mut registry);
+    let (exporter, export_handle) = Exporter::build(
+        &config.otlp,
+        NodeIdentity::detect(&node),
+        status.clone(),
+        export_telemetry.clone(),
+        Some(state_rx.clone()),
+    );
+    let (_idle_input, idle_rx) = pipeline::channel(1, export_telemetry);
+    let pipeline_rx = probe_events.unwrap_or(idle_rx);
+    let policy = pipeline::keep_all();
 
     let admin = config
         .admin
@@ -168,6 +169,18 @@ pub async fn run_until(
                 admin_failed.cancel();
             }
         });
+    }
+    {
+        let pipeline_done = CancellationToken::new();
+        tasks.spawn(pipeline::run(
+            pipeline_rx,
+            policy,
+            export_handle,
+            shutdown.clone(),
+            pipeline_done.clone(),
+        ));
+        // Leave a quarter of the shutdown deadline for everything else.
+        tasks.spawn(exporter.run(pipeline_done, config.shutdown_timeout * 3 / 4));
     }
     tasks.close();
 

@@ -148,6 +148,18 @@ pub struct ExportStatus {
     pub batches: u64,
     /// Items dropped.
     pub dropped: u64,
+    /// The collector endpoint in use, if any.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `grpc` or `http`.
+    #[serde(default)]
+    pub protocol: String,
+    /// Failed export attempts (each retry counts).
+    #[serde(default)]
+    pub failures: u64,
+    /// Why the last synced export settings were rejected (the last good ones stay in use).
+    #[serde(default)]
+    pub config_error: Option<String>,
 }
 
 /// A shared, cheaply clonable handle on the status document.
