@@ -13,6 +13,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::AdminError,
     config::{AgentConfig, ConfigError},
+    export::{ExportTelemetry, Exporter, spans::NodeIdentity},
+    pipeline,
     status::{ConfigSource, StatusHandle},
     sync,
 };
@@ -73,6 +75,22 @@ pub async fn run_until(
 
     let probe = config.probe.build(&status, &mut registry);
 
+    // Pipeline and export. The probe's events enter through `pipeline_input` (kept alive until
+    // the end of `run_until`); synced export settings arrive once sync publishes its
+    // DesiredStateRx (None until then), and the plugin chain through a PolicyRx (KeepAll until
+    // the plugin host provides one).
+    let export_telemetry = ExportTelemetry::default();
+    export_telemetry.register(&mut registry);
+    let (exporter, export_handle) = Exporter::build(
+        &config.otlp,
+        NodeIdentity::detect(&node),
+        status.clone(),
+        export_telemetry.clone(),
+        None,
+    );
+    let (_pipeline_input, pipeline_rx) =
+        pipeline::channel(config.otlp.channel_capacity, export_telemetry);
+
     let admin = config
         .admin
         .build(status.clone(), Arc::new(registry))
@@ -101,6 +119,19 @@ pub async fn run_until(
 
     if let Some(probe) = probe {
         tasks.spawn(probe.run(Duration::from_secs(1), shutdown.clone()));
+    }
+
+    {
+        let pipeline_done = CancellationToken::new();
+        tasks.spawn(pipeline::run(
+            pipeline_rx,
+            pipeline::keep_all(),
+            export_handle,
+            shutdown.clone(),
+            pipeline_done.clone(),
+        ));
+        // Leave a quarter of the shutdown deadline for everything else.
+        tasks.spawn(exporter.run(pipeline_done, config.shutdown_timeout * 3 / 4));
     }
 
     if config.etcd.endpoints.is_empty() {
