@@ -55,7 +55,10 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
         // An edit made upstream (another plugin): replaced and added attributes are carried.
         client_close.edits = vec![
             AttrEdit::Set(Arc::from("team"), AttrValue::Str(Arc::from("edge"))),
-            AttrEdit::Set(Arc::from("network.peer.address"), AttrValue::Str(Arc::from("redacted"))),
+            AttrEdit::Set(
+                Arc::from("network.peer.address"),
+                AttrValue::Str(Arc::from("redacted")),
+            ),
         ];
         let mut server_reset = event(EventKind::Close, Direction::Passive, "10.3.0.7:51000");
         server_reset.close_reason = CloseReason::Reset;
@@ -65,7 +68,11 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
         let spans = sink.wait_for_spans(2, WAIT, |_| true).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         let spans_now = sink.spans();
-        assert_eq!(spans_now.len(), 2, "{protocol:?}: exactly two spans: {spans_now:#?}");
+        assert_eq!(
+            spans_now.len(),
+            2,
+            "{protocol:?}: exactly two spans: {spans_now:#?}"
+        );
         let client = spans
             .iter()
             .find(|s| s.kind == SpanKind::Client)
@@ -97,7 +104,10 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         assert_eq!(client.attributes, expected, "{protocol:?}");
-        assert!(client.attr("container.id").is_none(), "removed by the policy");
+        assert!(
+            client.attr("container.id").is_none(),
+            "removed by the policy"
+        );
         assert_eq!(client.name, "tcp connect");
         assert_eq!(client.status, StatusCode::Unset);
         assert_eq!(client.start_unix_nanos, client_close.start_unix_nanos);
@@ -125,13 +135,29 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
 
         // Metrics: cumulative, by peer port; the dropped connection counts nowhere.
         let closed = sink
-            .wait_for_metric("edgeward.tcp.connections.closed", WAIT, |m| m.total() == 2.0)
+            .wait_for_metric("edgeward.tcp.connections.closed", WAIT, |m| {
+                m.total() == 2.0
+            })
             .await
             .unwrap();
         assert!(closed.monotonic);
-        assert_eq!(closed.point(&[("network.peer.port", Value::Int(443))]).unwrap().value, 1.0);
-        assert_eq!(closed.point(&[("network.peer.port", Value::Int(51000))]).unwrap().value, 1.0);
-        let opened = sink.latest_metric("edgeward.tcp.connections.opened").unwrap();
+        assert_eq!(
+            closed
+                .point(&[("network.peer.port", Value::Int(443))])
+                .unwrap()
+                .value,
+            1.0
+        );
+        assert_eq!(
+            closed
+                .point(&[("network.peer.port", Value::Int(51000))])
+                .unwrap()
+                .value,
+            1.0
+        );
+        let opened = sink
+            .latest_metric("edgeward.tcp.connections.opened")
+            .unwrap();
         assert_eq!(opened.total(), 1.0);
         let retrans = sink.latest_metric("edgeward.tcp.retransmits").unwrap();
         assert_eq!(retrans.total(), 4.0, "3 + 1");
@@ -139,11 +165,17 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
         assert_eq!(sent.total(), 4000.0);
         let rtt = sink.latest_metric("edgeward.tcp.rtt").unwrap();
         assert_eq!(rtt.unit, "s");
-        let p = rtt.point(&[("network.peer.port", Value::Int(443))]).unwrap();
+        let p = rtt
+            .point(&[("network.peer.port", Value::Int(443))])
+            .unwrap();
         assert_eq!(p.count, 1);
         assert!((p.value - 0.0008).abs() < 1e-12, "{p:?}");
-        let duration = sink.latest_metric("edgeward.tcp.connection.duration").unwrap();
-        let p = duration.point(&[("network.peer.port", Value::Int(443))]).unwrap();
+        let duration = sink
+            .latest_metric("edgeward.tcp.connection.duration")
+            .unwrap();
+        let p = duration
+            .point(&[("network.peer.port", Value::Int(443))])
+            .unwrap();
         assert!((p.value - 0.0025).abs() < 1e-12, "{p:?}");
         let plugin_dropped = sink
             .wait_for_metric("edgeward.plugin.dropped_events", WAIT, |m| m.total() >= 1.0)
@@ -153,8 +185,17 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
 
         // Headers: the static one and the token; gzip was used.
         let headers = sink.request_headers();
-        assert!(headers.iter().all(|h| h.get("x-tenant").map(String::as_str) == Some("edge-1")));
-        assert!(headers.iter().all(|h| h.get("authorization").map(String::as_str) == Some("Bearer first-token")), "{headers:?}");
+        assert!(
+            headers
+                .iter()
+                .all(|h| h.get("x-tenant").map(String::as_str) == Some("edge-1"))
+        );
+        assert!(
+            headers
+                .iter()
+                .all(|h| h.get("authorization").map(String::as_str) == Some("Bearer first-token")),
+            "{headers:?}"
+        );
         let (_, _, gzip) = sink.request_counts();
         assert!(gzip >= 2, "{protocol:?}: gzip requests: {gzip}");
 
@@ -165,7 +206,8 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
         sink.wait_for_spans(3, WAIT, |_| true).await.unwrap();
         let last = sink.request_headers();
         assert!(
-            last.iter().any(|h| h.get("authorization").map(String::as_str) == Some("Bearer second-token")),
+            last.iter()
+                .any(|h| h.get("authorization").map(String::as_str) == Some("Bearer second-token")),
             "{last:?}"
         );
         assert_eq!(h.status.snapshot().export.state, "running");
@@ -212,7 +254,11 @@ async fn tls_with_client_certificate_and_wrong_server_certificate() {
         "the error names the certificate problem: {reason}"
     );
     assert!(h.telemetry.failures.get() >= 1);
-    assert_eq!(sink.span_count(), 1, "nothing arrived over the untrusted connection");
+    assert_eq!(
+        sink.span_count(),
+        1,
+        "nothing arrived over the untrusted connection"
+    );
     h.shutdown().await;
 
     // Without a client certificate the collector refuses the agent.
@@ -261,13 +307,23 @@ async fn collector_down_bounded_queue_drops_oldest_and_recovers() {
         });
         max_queue = max_queue.max(h.telemetry.queue_bytes.get());
         let dropped = h.telemetry.dropped_spans.get();
-        assert!(max_queue as usize <= bound, "queue {max_queue} > bound {bound}");
-        assert!(dropped > 0 && dropped < total, "dropped {dropped} of {total}");
+        assert!(
+            max_queue as usize <= bound,
+            "queue {max_queue} > bound {bound}"
+        );
+        assert!(
+            dropped > 0 && dropped < total,
+            "dropped {dropped} of {total}"
+        );
         let st = h.status.snapshot().export;
         assert_eq!(st.state, "failing", "{st:?}");
         assert_eq!(st.dropped, dropped);
         assert!(h.telemetry.failures.get() >= 1);
-        assert_eq!(h.telemetry.channel_drops.get(), 0, "the producer never lost events");
+        assert_eq!(
+            h.telemetry.channel_drops.get(),
+            0,
+            "the producer never lost events"
+        );
 
         // The collector comes back on the same port.
         let sink = Sink::start_with(SinkOptions {
@@ -333,9 +389,18 @@ async fn slow_receiver_backs_up_to_the_queue_not_into_the_probe() {
         slowest < Duration::from_millis(50),
         "a send into the pipeline waited {slowest:?}"
     );
-    assert!(max_queue as usize <= bound, "queue {max_queue} > bound {bound}");
-    assert!(max_queue as usize > bound / 2, "the queue took the pressure: {max_queue}");
-    assert!(h.telemetry.dropped_spans.get() > 0, "the full queue dropped its oldest");
+    assert!(
+        max_queue as usize <= bound,
+        "queue {max_queue} > bound {bound}"
+    );
+    assert!(
+        max_queue as usize > bound / 2,
+        "the queue took the pressure: {max_queue}"
+    );
+    assert!(
+        h.telemetry.dropped_spans.get() > 0,
+        "the full queue dropped its oldest"
+    );
     assert_eq!(h.telemetry.channel_drops.get(), 0);
     // The slow collector still gets data.
     sink.wait_for_spans(100, WAIT, |_| true).await.unwrap();
@@ -363,7 +428,10 @@ async fn synced_settings_switch_collector_live_and_bad_ones_are_rejected() {
     h.send_all([close_with_id(11)]);
     let got = b.wait_for_spans(1, WAIT, |_| true).await.unwrap();
     assert_eq!(got[0].transport, edgeward_otlp_sink::Transport::Http);
-    assert_eq!(got[0].resource.get("deployment.environment"), Some(&s("synced")));
+    assert_eq!(
+        got[0].resource.get("deployment.environment"),
+        Some(&s("synced"))
+    );
     assert_eq!(a.span_count(), 1);
 
     h.sync_export(serde_json::json!({"endpoint": "tcp://nowhere", "protocol": "http"}));
@@ -392,7 +460,8 @@ async fn shutdown_flushes_batched_and_queued_spans() {
     h.shutdown().await;
     assert_eq!(sink.span_count(), 250, "flushed on shutdown");
     assert!(
-        sink.latest_metric("edgeward.pipeline.events").is_some_and(|m| m.total() == 250.0),
+        sink.latest_metric("edgeward.pipeline.events")
+            .is_some_and(|m| m.total() == 250.0),
         "last metrics flushed too"
     );
 }

@@ -175,8 +175,10 @@ impl BatchPolicy for TagAndDrop {
     fn apply(&self, batch: &mut Vec<ConnectionEvent>) {
         batch.retain(|ev| ev.peer.port() != 22);
         for ev in batch {
-            ev.edits
-                .push(AttrEdit::Set(Arc::from("policy.checked"), AttrValue::Bool(true)));
+            ev.edits.push(AttrEdit::Set(
+                Arc::from("policy.checked"),
+                AttrValue::Bool(true),
+            ));
             ev.edits.push(AttrEdit::Remove(Arc::from("container.id")));
         }
     }

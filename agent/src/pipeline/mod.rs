@@ -71,6 +71,14 @@ impl PipelineInput {
     }
 }
 
+impl PipelineInput {
+    /// Free slots in the channel now (a producer that may wait, like a benchmark, can pace
+    /// itself with this; the probe never waits).
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity()
+    }
+}
+
 /// The bounded channel from the probe to the pipeline.
 pub fn channel(
     capacity: usize,

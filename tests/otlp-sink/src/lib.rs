@@ -362,6 +362,8 @@ pub struct SinkOptions {
     pub delay: Duration,
     /// Print what arrives to stdout, one readable line per span / metric point.
     pub print: bool,
+    /// Count what arrives but keep nothing (for long benchmark runs).
+    pub discard: bool,
 }
 
 /// What the sink has received, shared by its handlers.
@@ -369,6 +371,7 @@ pub struct SinkOptions {
 struct Received {
     spans: Vec<ReceivedSpan>,
     metrics: Vec<ReceivedMetric>,
+    span_total: u64,
     trace_requests: u64,
     metric_requests: u64,
     gzip_requests: u64,
@@ -380,6 +383,7 @@ struct Shared {
     changed: tokio::sync::Notify,
     delay_ms: std::sync::atomic::AtomicU64,
     print: bool,
+    discard: bool,
 }
 
 impl Shared {
@@ -421,8 +425,11 @@ impl Shared {
         }
         let mut r = self.lock();
         r.trace_requests += 1;
-        r.headers.push(headers);
-        r.spans.extend(spans);
+        r.span_total += spans.len() as u64;
+        if !self.discard {
+            r.headers.push(headers);
+            r.spans.extend(spans);
+        }
         drop(r);
         self.changed.notify_waiters();
     }
@@ -455,8 +462,10 @@ impl Shared {
         }
         let mut r = self.lock();
         r.metric_requests += 1;
-        r.headers.push(headers);
-        r.metrics.extend(metrics);
+        if !self.discard {
+            r.headers.push(headers);
+            r.metrics.extend(metrics);
+        }
         drop(r);
         self.changed.notify_waiters();
     }
@@ -627,6 +636,7 @@ impl Sink {
             changed: tokio::sync::Notify::new(),
             delay_ms: std::sync::atomic::AtomicU64::new(options.delay.as_millis() as u64),
             print: options.print,
+            discard: options.discard,
         });
         let shutdown = CancellationToken::new();
 
@@ -717,9 +727,14 @@ impl Sink {
         self.shared.lock().spans.clone()
     }
 
-    /// How many spans have arrived.
+    /// How many spans are kept (all that arrived, unless `discard`).
     pub fn span_count(&self) -> usize {
         self.shared.lock().spans.len()
+    }
+
+    /// How many spans have arrived in all, kept or not.
+    pub fn span_total(&self) -> u64 {
+        self.shared.lock().span_total
     }
 
     /// Every metric received so far, in arrival order (each export request adds its own).
@@ -866,7 +881,11 @@ mod tokio_stream_shim {
         type Item = std::io::Result<TcpStream>;
         fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
             match self.0.poll_accept(cx) {
-                Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(stream))),
+                Poll::Ready(Ok((stream, _))) => {
+                    // Answer without waiting for Nagle + delayed ACK, like any real collector.
+                    let _ = stream.set_nodelay(true);
+                    Poll::Ready(Some(Ok(stream)))
+                }
                 Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
                 Poll::Pending => Poll::Pending,
             }

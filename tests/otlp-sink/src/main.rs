@@ -17,6 +17,9 @@ struct Args {
     /// HTTP listen address.
     #[arg(long, default_value = "127.0.0.1:4318")]
     http: SocketAddr,
+    /// Print nothing per span and keep nothing: count only (for benchmarks).
+    #[arg(long)]
+    quiet: bool,
     /// Exit after this long (e.g. `30s`); by default run until Ctrl-C or SIGTERM.
     #[arg(long, value_parser = humantime_duration)]
     duration: Option<Duration>,
@@ -39,7 +42,8 @@ async fn main() -> anyhow::Result<()> {
     let sink = Sink::start_with(SinkOptions {
         grpc_addr: Some(args.grpc),
         http_addr: Some(args.http),
-        print: true,
+        print: !args.quiet,
+        discard: args.quiet,
         ..SinkOptions::default()
     })
     .await?;
@@ -62,9 +66,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let (traces, metrics, _) = sink.request_counts();
     eprintln!(
-        "edgeward-otlp-sink: {} spans in {traces} requests, {} metrics in {metrics} requests",
-        sink.span_count(),
-        sink.metrics().len()
+        "edgeward-otlp-sink: {} spans in {traces} requests, {metrics} metric requests",
+        sink.span_total()
     );
     sink.stop().await;
     Ok(())
