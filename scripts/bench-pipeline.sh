@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --locked --quiet -p edgeward-otlp-sink -p edgeward --example bench_pipeline
+cargo build --release --locked --quiet -p edgeward-otlp-sink --bin edgeward-otlp-sink
+cargo build --release --locked --quiet -p edgeward --example bench_pipeline
 echo "machine: $(nproc) cores, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
 exec target/release/examples/bench_pipeline "$@" --sink-bin target/release/edgeward-otlp-sink

@@ -38,6 +38,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ETCD_PORT=$(free_port); PEER_PORT=$(free_port); ADMIN_PORT=$(free_port)
+OTLP_GRPC_PORT=$(free_port); OTLP_HTTP_PORT=$(free_port)
 ETCD=http://127.0.0.1:$ETCD_PORT
 ADMIN=127.0.0.1:$ADMIN_PORT
 
@@ -51,9 +52,17 @@ pids+=($!)
 for _ in $(seq 100); do curl -fs "$ETCD/health" >/dev/null 2>&1 && break; sleep 0.1; done
 "$ETCD_DIR/etcdctl" --endpoints "$ETCD" put /edgeward/v1/config/global '{"sampling": 1.0}' >/dev/null
 
-say "run: $BIN run --etcd-endpoints $ETCD --admin-addr $ADMIN"
-"$BIN" run --etcd-endpoints "$ETCD" --admin-addr "$ADMIN" --node-name demo-node \
-  --cache-dir "$work/cache" 2>"$work/agent.log" &
+OTLP=http://127.0.0.1:$OTLP_GRPC_PORT
+say "start a local OTLP receiver (edgeward-otlp-sink) on $OTLP"
+target/debug/edgeward-otlp-sink --grpc "127.0.0.1:$OTLP_GRPC_PORT" --http "127.0.0.1:$OTLP_HTTP_PORT" \
+  >"$work/otlp.out" 2>"$work/otlp.err" &
+sink=$!
+pids+=($sink)
+for _ in $(seq 100); do grep -q "OTLP/gRPC on" "$work/otlp.err" 2>/dev/null && break; sleep 0.1; done
+
+say "run: $BIN run --etcd-endpoints $ETCD --admin-addr $ADMIN --otlp-endpoint $OTLP"
+EDGEWARD_OTLP_METRICS_INTERVAL=1s "$BIN" run --etcd-endpoints "$ETCD" --admin-addr "$ADMIN" \
+  --node-name demo-node --cache-dir "$work/cache" --otlp-endpoint "$OTLP" 2>"$work/agent.log" &
 agent=$!
 pids+=($agent)
 for _ in $(seq 100); do curl -fs "http://$ADMIN/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -81,3 +90,10 @@ else
   wait "$agent"
   echo "agent exited with status $?"
 fi
+
+say "what the OTLP receiver got (spans, then metric points)"
+kill -TERM "$sink" 2>/dev/null || true
+wait "$sink" 2>/dev/null || true
+grep '^span ' "$work/otlp.out" | tail -n 20 || echo "(no spans)"
+grep '^metric ' "$work/otlp.out" | awk '{ last[$2] = $0 } END { for (k in last) print last[k] }' | sort
+cat "$work/otlp.err"

@@ -299,7 +299,7 @@ fn rss(sink_bin: &str, up_secs: u64, down_secs: u64, rate: u64) {
         .enable_all()
         .build()
         .expect("runtime");
-    let events = recorded_events(100_000);
+    let events = recorded_events(10_000);
     let cfg = config(Some(format!("http://127.0.0.1:{port}")));
     println!(
         "rss: {rate} connections/s, collector up {up_secs} s then down {down_secs} s; queue bound {} MiB",

@@ -15,6 +15,7 @@ use edgeward::{
     status::{ConfigSource, StatusHandle},
     sync::DesiredState,
 };
+#[allow(unused_imports)] // each test binary uses a different part
 pub use edgeward_otlp_sink::{Sink, SinkOptions, SinkTls};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
