@@ -22,20 +22,29 @@ async fn agent_exports_self_telemetry_and_reports_export_state() {
     )
     .unwrap();
     let config_arg = config.display().to_string();
-    let mut agent = tokio::task::spawn_blocking(move || {
-        Agent::spawn(&["--no-ebpf", "--config", &config_arg])
-    })
-    .await
-    .unwrap();
+    let mut agent =
+        tokio::task::spawn_blocking(move || Agent::spawn(&["--no-ebpf", "--config", &config_arg]))
+            .await
+            .unwrap();
 
     let m = sink
-        .wait_for_metric("edgeward.export.metric_batches", Duration::from_secs(15), |m| {
-            m.total() >= 1.0
-        })
+        .wait_for_metric(
+            "edgeward.export.metric_batches",
+            Duration::from_secs(15),
+            |m| m.total() >= 1.0,
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
-    assert_eq!(m.resource.get("service.name").and_then(|v| v.as_str()), Some("edgeward"));
-    assert_eq!(m.resource.get("deployment.environment").and_then(|v| v.as_str()), Some("ci"));
+    assert_eq!(
+        m.resource.get("service.name").and_then(|v| v.as_str()),
+        Some("edgeward")
+    );
+    assert_eq!(
+        m.resource
+            .get("deployment.environment")
+            .and_then(|v| v.as_str()),
+        Some("ci")
+    );
     assert!(m.resource.contains_key("host.name"));
     for name in [
         "edgeward.pipeline.events",
@@ -62,7 +71,10 @@ async fn agent_exports_self_telemetry_and_reports_export_state() {
             "edgeward_export_queue_bytes",
             "edgeward_plugin_latency_seconds",
         ] {
-            assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+            assert!(
+                metrics.contains(name),
+                "{name} missing from /metrics:\n{metrics}"
+            );
         }
         let (exit, took) = agent.terminate(Duration::from_secs(15));
         assert!(exit.success(), "exit {exit:?}\n{}", agent.log());
@@ -71,7 +83,11 @@ async fn agent_exports_self_telemetry_and_reports_export_state() {
     })
     .await
     .unwrap();
-    assert!(agent.log().contains("OTLP export flushed"), "{}", agent.log());
+    assert!(
+        agent.log().contains("OTLP export flushed"),
+        "{}",
+        agent.log()
+    );
     sink.stop().await;
 }
 

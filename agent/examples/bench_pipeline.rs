@@ -351,7 +351,7 @@ fn rss(sink_bin: &str, up_secs: u64, down_secs: u64, rate: u64) {
                 last_sample = Instant::now();
                 let phase = usize::from(killed);
                 phase_samples[phase].1.push(rss_mib());
-                if phase_samples[phase].1.len() % 10 == 0 {
+                if phase_samples[phase].1.len().is_multiple_of(10) {
                     println!(
                         "  t={:>3}s phase={} rss={:.1} MiB queue={:.1} MiB dropped_spans={} channel_drops={}",
                         start.elapsed().as_secs(),
