@@ -221,58 +221,72 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificate_and_wrong_server_certificate() {
     let pki = TestPki::generate();
+    let other = TestPki::generate();
     let sink = Sink::start_with(SinkOptions {
         tls: Some(pki.sink_tls()),
         ..SinkOptions::default()
     })
     .await
     .unwrap();
-    let mut config = test_config(&sink.grpc_endpoint(), OtlpProtocol::Grpc);
-    config.tls.ca_file = Some(pki.ca_file());
-    config.tls.cert_file = Some(pki.client_cert_file());
-    config.tls.key_file = Some(pki.client_key_file());
-    let h = Harness::start(config.clone());
-    h.send_all([close_with_id(1)]);
-    let spans = sink.wait_for_spans(1, WAIT, |_| true).await.unwrap();
-    assert_eq!(spans[0].transport, edgeward_otlp_sink::Transport::Grpc);
-    h.shutdown().await;
+    let mut received = 0;
+    for protocol in [OtlpProtocol::Grpc, OtlpProtocol::Http] {
+        let (endpoint, transport) = match protocol {
+            OtlpProtocol::Grpc => (sink.grpc_endpoint(), edgeward_otlp_sink::Transport::Grpc),
+            OtlpProtocol::Http => (sink.http_endpoint(), edgeward_otlp_sink::Transport::Http),
+        };
+        assert!(endpoint.starts_with("https://"), "{endpoint}");
+        let mut config = test_config(&endpoint, protocol);
+        config.tls.ca_file = Some(pki.ca_file());
+        config.tls.cert_file = Some(pki.client_cert_file());
+        config.tls.key_file = Some(pki.client_key_file());
+        let h = Harness::start(config.clone());
+        h.send_all([close_with_id(1)]);
+        received += 1;
+        let spans = sink.wait_for_spans(received, WAIT, |_| true).await.unwrap();
+        assert_eq!(spans[received - 1].transport, transport, "{protocol:?}");
+        h.shutdown().await;
 
-    // The agent trusts another CA: the handshake fails, the reason says so, failures count.
-    let other = TestPki::generate();
-    let mut wrong = config.clone();
-    wrong.tls.ca_file = Some(other.ca_file());
-    let h = Harness::start(wrong);
-    h.send_all([close_with_id(2)]);
-    support::wait_for(WAIT, "export to fail on the certificate", || {
+        // The agent trusts another CA: the handshake fails, the reason says so, failures count.
+        let mut wrong = config.clone();
+        wrong.tls.ca_file = Some(other.ca_file());
+        let h = Harness::start(wrong);
+        h.send_all([close_with_id(2)]);
+        support::wait_for(WAIT, "export to fail on the certificate", || {
+            let st = h.status.snapshot().export;
+            (st.state == "failing" && st.failures >= 1).then_some(st)
+        });
         let st = h.status.snapshot().export;
-        (st.state == "failing" && st.failures >= 1).then_some(st)
-    });
-    let st = h.status.snapshot().export;
-    let reason = st.reason.clone().unwrap_or_default();
-    assert!(
-        reason.contains("certificate") || reason.contains("UnknownIssuer"),
-        "the error names the certificate problem: {reason}"
-    );
-    assert!(h.telemetry.failures.get() >= 1);
-    assert_eq!(
-        sink.span_count(),
-        1,
-        "nothing arrived over the untrusted connection"
-    );
-    h.shutdown().await;
+        let reason = st.reason.clone().unwrap_or_default();
+        eprintln!("{protocol:?} with an untrusted server certificate: {reason}");
+        assert!(
+            reason.contains("certificate") || reason.contains("UnknownIssuer"),
+            "{protocol:?}: the error names the certificate problem: {reason}"
+        );
+        assert!(
+            reason.contains(&endpoint),
+            "the error names the endpoint: {reason}"
+        );
+        assert!(h.telemetry.failures.get() >= 1);
+        assert_eq!(
+            sink.span_count(),
+            received,
+            "nothing arrived over the untrusted connection"
+        );
+        h.shutdown().await;
 
-    // Without a client certificate the collector refuses the agent.
-    let mut anonymous = config;
-    anonymous.tls.cert_file = None;
-    anonymous.tls.key_file = None;
-    let h = Harness::start(anonymous);
-    h.send_all([close_with_id(3)]);
-    support::wait_for(WAIT, "export without a client certificate to fail", || {
-        let st = h.status.snapshot().export;
-        (st.state == "failing").then_some(())
-    });
-    assert_eq!(sink.span_count(), 1);
-    h.shutdown().await;
+        // Without a client certificate the collector refuses the agent.
+        let mut anonymous = config;
+        anonymous.tls.cert_file = None;
+        anonymous.tls.key_file = None;
+        let h = Harness::start(anonymous);
+        h.send_all([close_with_id(3)]);
+        support::wait_for(WAIT, "export without a client certificate to fail", || {
+            let st = h.status.snapshot().export;
+            (st.state == "failing").then_some(())
+        });
+        assert_eq!(sink.span_count(), received);
+        h.shutdown().await;
+    }
 }
 
 /// The collector is down for all of the traffic: the queue stays within its byte bound, the

@@ -203,9 +203,13 @@ impl TestPki {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "edgeward test CA");
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!(
+                "edgeward test CA {}",
+                std::process::id() as u64 * 1000 + NEXT_ID.fetch_add(1, Ordering::Relaxed)
+            ),
+        );
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
 

@@ -302,10 +302,12 @@ async fn send_grpc(
     }
     let status_err = |s: Status| {
         let retryable = grpc_retryable(s.code());
-        (
-            format!("gRPC {:?}: {}", s.code(), error_chain(&s)),
-            retryable,
-        )
+        let detail = if s.message().is_empty() {
+            error_chain(&s)
+        } else {
+            s.message().to_owned()
+        };
+        (format!("gRPC {:?}: {detail}", s.code()), retryable)
     };
     grpc.ready().await.map_err(|e| (error_chain(&e), true))?;
     let mut request = tonic::Request::new(body);

@@ -356,7 +356,7 @@ pub struct SinkOptions {
     pub grpc_addr: Option<SocketAddr>,
     /// HTTP listen address (default: a free loopback port).
     pub http_addr: Option<SocketAddr>,
-    /// TLS for the gRPC listener (the HTTP listener stays plaintext).
+    /// TLS for both listeners.
     pub tls: Option<SinkTls>,
     /// Answer every request after this long.
     pub delay: Duration,
@@ -674,14 +674,20 @@ impl Sink {
             .route("/v1/metrics", post(http_metrics))
             .with_state(shared.clone());
         let stop = shutdown.clone();
-        let http_task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(http_listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
-                eprintln!("otlp sink: HTTP server: {e}");
+        let http_task = match &options.tls {
+            None => tokio::spawn(async move {
+                if let Err(e) = axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    eprintln!("otlp sink: HTTP server: {e}");
+                }
+            }),
+            Some(tls) => {
+                let acceptor = tls_acceptor(tls)?;
+                tokio::spawn(serve_https(http_listener, acceptor, app, stop))
             }
-        });
+        };
 
         Ok(Sink {
             shared,
@@ -699,9 +705,11 @@ impl Sink {
         format!("{scheme}://{}", self.grpc_addr)
     }
 
-    /// The HTTP endpoint URL (`http://…`; the exporter appends `/v1/traces`, `/v1/metrics`).
+    /// The HTTP endpoint URL (`http://…` or `https://…` with TLS; the exporter appends
+    /// `/v1/traces`, `/v1/metrics`).
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}", self.http_addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     /// The gRPC listen address.
@@ -856,6 +864,72 @@ impl Drop for Sink {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+fn tls_acceptor(tls: &SinkTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain =
+        CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes())?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let config = match &tls.client_ca_pem {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                roots.add(cert?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+    };
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// OTLP/HTTP over TLS: one task per connection, each a TLS handshake then HTTP/1.1.
+async fn serve_https(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("otlp sink: HTTPS accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // A failed handshake (untrusted client, wrong CA) just ends this connection.
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
     }
 }
 
