@@ -460,6 +460,37 @@ async fn synced_settings_switch_collector_live_and_bad_ones_are_rejected() {
     h.shutdown().await;
 }
 
+/// A bearer token file that is missing at start: export fails and says why, spans wait in
+/// the queue, and export starts by itself once the file appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_token_file_fails_then_recovers_when_it_appears() {
+    let sink = Sink::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    let mut config = test_config(&sink.grpc_endpoint(), OtlpProtocol::Grpc);
+    config.bearer_token_file = Some(token.clone());
+    let h = Harness::start(config);
+    h.send_all([close_with_id(70)]);
+    support::wait_for(WAIT, "a failure naming the token file", || {
+        let st = h.status.snapshot().export;
+        (st.state == "failing" && st.reason.as_deref().is_some_and(|r| r.contains("token")))
+            .then_some(())
+    });
+    assert_eq!(sink.span_count(), 0);
+    std::fs::write(&token, "late-token").unwrap();
+    let spans = sink.wait_for_spans(1, WAIT, |_| true).await.unwrap();
+    assert_eq!(spans.len(), 1);
+    assert!(
+        sink.request_headers()
+            .iter()
+            .all(|h| h.get("authorization").map(String::as_str) == Some("Bearer late-token"))
+    );
+    support::wait_for(WAIT, "running again", || {
+        (h.status.snapshot().export.state == "running").then_some(())
+    });
+    h.shutdown().await;
+}
+
 /// Shutdown stops intake, and what is batched or queued is flushed before the tasks end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_batched_and_queued_spans() {
