@@ -460,6 +460,44 @@ async fn synced_settings_switch_collector_live_and_bad_ones_are_rejected() {
     h.shutdown().await;
 }
 
+/// The cardinality cap: beyond `max_series` attribute sets, updates fold into one overflow
+/// series, and the folds are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_cardinality_cap_folds_into_a_counted_overflow_series() {
+    let sink = Sink::start().await.unwrap();
+    let mut config = test_config(&sink.grpc_endpoint(), OtlpProtocol::Grpc);
+    config.metric_attributes = vec!["network.peer.port".into()];
+    config.max_series = 2;
+    let h = Harness::start(config);
+    h.send_all((0..5u16).map(|i| {
+        let mut ev = event(EventKind::Close, Direction::Active, "10.9.0.1:1000");
+        ev.peer.set_port(1000 + i);
+        ev
+    }));
+    let closed = sink
+        .wait_for_metric("edgeward.tcp.connections.closed", WAIT, |m| {
+            m.total() == 5.0
+        })
+        .await
+        .unwrap();
+    assert_eq!(closed.points.len(), 3, "{closed:?}");
+    let overflow = closed
+        .point(&[("otel.metric.overflow", Value::Bool(true))])
+        .expect("an overflow series");
+    assert_eq!(overflow.value, 3.0);
+    assert_eq!(overflow.attributes.len(), 1);
+    // Three events folded, each in 4 counters and 2 histograms.
+    assert_eq!(h.telemetry.metric_overflow.get(), 18);
+    let reported = sink
+        .wait_for_metric("edgeward.export.metric_overflow", WAIT, |m| {
+            m.total() == 18.0
+        })
+        .await
+        .unwrap();
+    assert_eq!(reported.total(), 18.0);
+    h.shutdown().await;
+}
+
 /// A bearer token file that is missing at start: export fails and says why, spans wait in
 /// the queue, and export starts by itself once the file appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
