@@ -6,7 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Agent, edgeward, otlp::Sink};
+use support::{
+    Agent, edgeward,
+    otlp::{BlockingSink, Sink, SinkOptions},
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_exports_self_telemetry_and_reports_export_state() {
@@ -126,5 +129,25 @@ fn sigterm_with_the_collector_down_exits_zero_within_the_deadline() {
         agent.log().contains("OTLP export flushed"),
         "{}",
         agent.log()
+    );
+}
+
+/// The blocking sink helper (for end-to-end tests that are not async) against the binary.
+#[test]
+fn blocking_sink_receives_the_agents_metrics() {
+    let sink = BlockingSink::start(SinkOptions::default());
+    let endpoint = sink.get().grpc_endpoint();
+    let mut agent = Agent::spawn(&["--no-ebpf", "--otlp-endpoint", &endpoint]);
+    // Metrics go out every otlp.metrics_interval (10 s by default) and at shutdown.
+    let (exit, _) = agent.terminate(Duration::from_secs(15));
+    assert!(exit.success(), "{}", agent.log());
+    let m = sink.wait_for_metric(
+        "edgeward.export.metric_batches",
+        Duration::from_secs(5),
+        |_| true,
+    );
+    assert_eq!(
+        m.resource.get("service.name").and_then(|v| v.as_str()),
+        Some("edgeward")
     );
 }
