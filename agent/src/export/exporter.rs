@@ -419,7 +419,7 @@ impl Exporter {
                         retry_at = None;
                     }
                     Err(e) if e.is_retryable() => {
-                        retry_at = Some(tokio::time::Instant::now() + backoff);
+                        retry_at = Some(tokio::time::Instant::now() + jittered(backoff));
                         backoff = (backoff * 2).min(self.shared.active().config.retry_max_backoff);
                         in_flight = Some(item);
                     }
@@ -500,9 +500,31 @@ impl Exporter {
     }
 }
 
+/// `d` scaled by a pseudo-random factor in [0.5, 1.0], so that a fleet of agents that lost the
+/// same collector does not come back in lockstep.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(factor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let j = jittered(Duration::from_millis(1000));
+            assert!(
+                j >= Duration::from_millis(500) && j <= Duration::from_millis(1000),
+                "{j:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn unreadable_token_file_fails_export_with_the_path_and_keeps_the_agent() {
