@@ -6,7 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Agent, edgeward, otlp::Sink};
+use support::{
+    Agent, edgeward,
+    otlp::{BlockingSink, Sink, SinkOptions},
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_exports_self_telemetry_and_reports_export_state() {
@@ -53,6 +56,7 @@ async fn agent_exports_self_telemetry_and_reports_export_state() {
         "edgeward.export.failures",
         "edgeward.export.queue_depth",
         "edgeward.probe.events",
+        "edgeward.plugin.time",
         "edgeward.tcp.connections.opened",
     ] {
         assert!(sink.latest_metric(name).is_some(), "{name} not exported");
@@ -101,4 +105,49 @@ fn https_endpoint_without_ca_is_refused_with_the_key_named() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("otlp.tls.ca_file"), "{err}");
+}
+
+/// With the collector unreachable, SIGTERM still ends the agent within its shutdown deadline,
+/// exit status 0, and what could not be flushed is counted.
+#[test]
+fn sigterm_with_the_collector_down_exits_zero_within_the_deadline() {
+    let port = support::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut agent = Agent::spawn(&["--no-ebpf", "--otlp-endpoint", &endpoint]);
+    support::wait_for(Duration::from_secs(10), "export configured", || {
+        let st = agent.status();
+        (st["export"]["endpoint"] == endpoint.as_str()).then_some(())
+    });
+    let (exit, took) = agent.terminate(Duration::from_secs(15));
+    assert!(exit.success(), "exit {exit:?}\n{}", agent.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("OTLP export flushed"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// The blocking sink helper (for end-to-end tests that are not async) against the binary.
+#[test]
+fn blocking_sink_receives_the_agents_metrics() {
+    let sink = BlockingSink::start(SinkOptions::default());
+    let endpoint = sink.get().grpc_endpoint();
+    let mut agent = Agent::spawn(&["--no-ebpf", "--otlp-endpoint", &endpoint]);
+    // Metrics go out every otlp.metrics_interval (10 s by default) and at shutdown.
+    let (exit, _) = agent.terminate(Duration::from_secs(15));
+    assert!(exit.success(), "{}", agent.log());
+    let m = sink.wait_for_metric(
+        "edgeward.export.metric_batches",
+        Duration::from_secs(5),
+        |_| true,
+    );
+    assert_eq!(
+        m.resource.get("service.name").and_then(|v| v.as_str()),
+        Some("edgeward")
+    );
 }

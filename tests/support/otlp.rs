@@ -261,3 +261,66 @@ impl TestPki {
         }
     }
 }
+
+/// A sink with its own runtime, for tests that are not async (like the end-to-end tests that
+/// drive the `edgeward` binary with blocking helpers).
+pub struct BlockingSink {
+    /// The sink; its read-only accessors (`spans`, `latest_metric`, endpoints) work as is.
+    pub sink: Option<Sink>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl BlockingSink {
+    /// Starts a sink on free loopback ports.
+    pub fn start(options: SinkOptions) -> BlockingSink {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("sink runtime");
+        let sink = runtime
+            .block_on(Sink::start_with(options))
+            .expect("starting the OTLP sink");
+        BlockingSink {
+            sink: Some(sink),
+            runtime,
+        }
+    }
+
+    /// The running sink.
+    pub fn get(&self) -> &Sink {
+        self.sink.as_ref().expect("sink running")
+    }
+
+    /// [`Sink::wait_for_spans`], blocking; panics with the sink's message on timeout.
+    pub fn wait_for_spans(
+        &self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&edgeward_otlp_sink::ReceivedSpan) -> bool,
+    ) -> Vec<edgeward_otlp_sink::ReceivedSpan> {
+        self.runtime
+            .block_on(self.get().wait_for_spans(n, timeout, pred))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Sink::wait_for_metric`], blocking; panics with the sink's message on timeout.
+    pub fn wait_for_metric(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&edgeward_otlp_sink::ReceivedMetric) -> bool,
+    ) -> edgeward_otlp_sink::ReceivedMetric {
+        self.runtime
+            .block_on(self.get().wait_for_metric(name, timeout, pred))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for BlockingSink {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take() {
+            self.runtime.block_on(sink.stop());
+        }
+    }
+}

@@ -311,6 +311,29 @@ impl Exporter {
 
     /// Sends one item; on failure records why. Returns whether it may be retried.
     async fn send(&mut self, item: &Item) -> Result<(), ExportError> {
+        if self.transport.is_none() {
+            // Built at configuration and failed (a TLS or token file missing or bad): try
+            // again, so that fixing the file is enough.
+            let config = self.shared.active().config.clone();
+            if config.endpoint.is_some() {
+                match Transport::build(&config) {
+                    Ok(t) => self.transport = Some(t),
+                    Err(e) => {
+                        self.shared.telemetry.failures.inc();
+                        let reason = e.to_string();
+                        self.shared.status.update(|s| {
+                            s.export.state = "failing".to_owned();
+                            s.export.reason = Some(reason.clone());
+                        });
+                        return Err(ExportError::Send {
+                            endpoint: config.endpoint.unwrap_or_default(),
+                            reason,
+                            retryable: true,
+                        });
+                    }
+                }
+            }
+        }
         let Some(transport) = self.transport.as_mut() else {
             return Err(ExportError::Send {
                 endpoint: String::new(),
@@ -396,7 +419,7 @@ impl Exporter {
                         retry_at = None;
                     }
                     Err(e) if e.is_retryable() => {
-                        retry_at = Some(tokio::time::Instant::now() + backoff);
+                        retry_at = Some(tokio::time::Instant::now() + jittered(backoff));
                         backoff = (backoff * 2).min(self.shared.active().config.retry_max_backoff);
                         in_flight = Some(item);
                     }
@@ -474,5 +497,59 @@ impl Exporter {
             dropped_spans = self.shared.telemetry.dropped_spans.get(),
             "OTLP export flushed"
         );
+    }
+}
+
+/// `d` scaled by a pseudo-random factor in [0.5, 1.0], so that a fleet of agents that lost the
+/// same collector does not come back in lockstep.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let j = jittered(Duration::from_millis(1000));
+            assert!(
+                j >= Duration::from_millis(500) && j <= Duration::from_millis(1000),
+                "{j:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_token_file_fails_export_with_the_path_and_keeps_the_agent() {
+        let status = StatusHandle::new("n");
+        let config = ExportConfig {
+            endpoint: Some("http://127.0.0.1:9".to_owned()),
+            bearer_token_file: Some("/nonexistent/edgeward-token".into()),
+            ..ExportConfig::default()
+        };
+        let (_exporter, handle) = Exporter::build(
+            &config,
+            NodeIdentity::default(),
+            status.clone(),
+            ExportTelemetry::default(),
+            None,
+        );
+        let export = status.snapshot().export;
+        assert_eq!(export.state, "failing");
+        let reason = export.reason.unwrap();
+        assert!(
+            reason.contains("bearer_token_file") && reason.contains("/nonexistent/edgeward-token"),
+            "{reason}"
+        );
+        // The pipeline side keeps working: spans are queued for when it is fixed.
+        handle.push_batch(&[crate::export::spans::tests_support::event()]);
+        assert_eq!(handle.telemetry().spans.get(), 1);
     }
 }

@@ -56,6 +56,7 @@ pub struct ExportConfig {
     #[serde(with = "serde_duration")]
     pub batch_timeout: Duration,
     /// Capacity of the channel from the probe into the pipeline (events). Full = drop + count.
+    /// Read at start; every other setting here also applies when changed through sync.
     pub channel_capacity: usize,
     /// Bound of the export queue, in bytes of encoded requests. When the collector is slow or
     /// down the queue fills, then drops its oldest requests (counted).

@@ -31,6 +31,9 @@ pub struct ExportTelemetry {
     pub plugin_dropped: Counter,
     /// Time in the plugin chain per batch, seconds.
     pub plugin_latency: Histogram,
+    /// Time in the plugin chain in all, nanoseconds (exported over OTLP as
+    /// `edgeward.plugin.time`, seconds).
+    pub plugin_nanos: Counter,
     /// Spans queued for export.
     pub spans: Counter,
     /// Trace requests delivered.
@@ -60,6 +63,7 @@ impl Default for ExportTelemetry {
             plugin_calls: Counter::default(),
             plugin_dropped: Counter::default(),
             plugin_latency: Histogram::new([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0]),
+            plugin_nanos: Counter::default(),
             spans: Counter::default(),
             trace_batches: Counter::default(),
             metric_batches: Counter::default(),
@@ -197,6 +201,22 @@ impl ExportTelemetry {
             .iter()
             .map(|(n, h, c)| sum(n, h, c.get()))
             .collect();
+        out.push(Metric {
+            name: "edgeward.plugin.time".to_owned(),
+            description: "Time spent in the plugin chain".to_owned(),
+            unit: "s".to_owned(),
+            metadata: Vec::new(),
+            data: Some(metric::Data::Sum(Sum {
+                data_points: vec![NumberDataPoint {
+                    value: Some(number_data_point::Value::AsDouble(
+                        self.plugin_nanos.get() as f64 / 1e9,
+                    )),
+                    ..point(0)
+                }],
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                is_monotonic: true,
+            })),
+        });
         let (probe_events, probe_drops) = status.read(|s| (s.probe.events, s.probe.drops));
         out.push(sum(
             "edgeward.probe.events",

@@ -170,9 +170,11 @@ fn flush(
     let current = policy.borrow().clone();
     let started = Instant::now();
     current.apply(batch);
+    let took = started.elapsed();
+    telemetry.plugin_latency.observe(took.as_secs_f64());
     telemetry
-        .plugin_latency
-        .observe(started.elapsed().as_secs_f64());
+        .plugin_nanos
+        .inc_by(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
     telemetry.plugin_calls.inc();
     telemetry
         .plugin_dropped

@@ -366,12 +366,22 @@ pub struct SinkOptions {
     pub discard: bool,
 }
 
+/// How the sink answers the requests it is told to fail (see [`Sink::fail_next`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// gRPC UNAVAILABLE / HTTP 503: the client should retry.
+    Retryable,
+    /// gRPC INVALID_ARGUMENT / HTTP 400: the client should not.
+    Permanent,
+}
+
 /// What the sink has received, shared by its handlers.
 #[derive(Default)]
 struct Received {
     spans: Vec<ReceivedSpan>,
     metrics: Vec<ReceivedMetric>,
     span_total: u64,
+    failed_requests: u64,
     trace_requests: u64,
     metric_requests: u64,
     gzip_requests: u64,
@@ -384,9 +394,21 @@ struct Shared {
     delay_ms: std::sync::atomic::AtomicU64,
     print: bool,
     discard: bool,
+    fail: Mutex<(u64, Failure)>,
 }
 
 impl Shared {
+    /// Whether to fail this request, and how.
+    fn failure(&self) -> Option<Failure> {
+        let mut f = self.fail.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 == 0 {
+            return None;
+        }
+        f.0 -= 1;
+        self.lock().failed_requests += 1;
+        Some(f.1)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Received> {
         self.received.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -492,6 +514,15 @@ impl TraceService for Grpc {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.0.delay().await;
+        match self.0.failure() {
+            Some(Failure::Retryable) => {
+                return Err(tonic::Status::unavailable("sink told to fail"));
+            }
+            Some(Failure::Permanent) => {
+                return Err(tonic::Status::invalid_argument("sink told to reject"));
+            }
+            None => {}
+        }
         let headers = header_map(&request.metadata().clone().into_headers());
         if headers.get("grpc-encoding").is_some_and(|e| e == "gzip") {
             self.0.lock().gzip_requests += 1;
@@ -511,6 +542,15 @@ impl MetricsService for Grpc {
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.0.delay().await;
+        match self.0.failure() {
+            Some(Failure::Retryable) => {
+                return Err(tonic::Status::unavailable("sink told to fail"));
+            }
+            Some(Failure::Permanent) => {
+                return Err(tonic::Status::invalid_argument("sink told to reject"));
+            }
+            None => {}
+        }
         let headers = header_map(&request.metadata().clone().into_headers());
         if headers.get("grpc-encoding").is_some_and(|e| e == "gzip") {
             self.0.lock().gzip_requests += 1;
@@ -567,6 +607,15 @@ async fn http_traces(
     body: Bytes,
 ) -> Response {
     shared.delay().await;
+    match shared.failure() {
+        Some(Failure::Retryable) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "sink told to fail").into_response();
+        }
+        Some(Failure::Permanent) => {
+            return (StatusCode::BAD_REQUEST, "sink told to reject").into_response();
+        }
+        None => {}
+    }
     let bytes = match http_body(&shared, &headers, body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
@@ -588,6 +637,15 @@ async fn http_metrics(
     body: Bytes,
 ) -> Response {
     shared.delay().await;
+    match shared.failure() {
+        Some(Failure::Retryable) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "sink told to fail").into_response();
+        }
+        Some(Failure::Permanent) => {
+            return (StatusCode::BAD_REQUEST, "sink told to reject").into_response();
+        }
+        None => {}
+    }
     let bytes = match http_body(&shared, &headers, body) {
         Ok(b) => b,
         Err(r) => return r.into_response(),
@@ -637,6 +695,7 @@ impl Sink {
             delay_ms: std::sync::atomic::AtomicU64::new(options.delay.as_millis() as u64),
             print: options.print,
             discard: options.discard,
+            fail: Mutex::new((0, Failure::Retryable)),
         });
         let shutdown = CancellationToken::new();
 
@@ -728,6 +787,16 @@ impl Sink {
             delay.as_millis() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Fails the next `n` requests (either signal, either transport) the way `how` says.
+    pub fn fail_next(&self, n: u64, how: Failure) {
+        *self.shared.fail.lock().unwrap_or_else(|p| p.into_inner()) = (n, how);
+    }
+
+    /// How many requests were failed on purpose.
+    pub fn failed_requests(&self) -> u64 {
+        self.shared.lock().failed_requests
     }
 
     /// Every span received so far.
