@@ -197,7 +197,12 @@ fn env_value(key: &str, raw: &str) -> Serialized<Value> {
     Serialized::default(key, value)
 }
 
-/// `ETCD_ENDPOINTS` → `etcd.endpoints`; `NODE_NAME` → `node_name`.
+/// Tables inside sections; `EDGEWARD_<SECTION>_<TABLE>_<KEY>` maps to
+/// `<section>.<table>.<key>`.
+const SUBTABLES: &[(&str, &str)] = &[("etcd", "tls"), ("otlp", "tls")];
+
+/// `ETCD_ENDPOINTS` → `etcd.endpoints`; `OTLP_TLS_CA_FILE` → `otlp.tls.ca_file`;
+/// `NODE_NAME` → `node_name`.
 fn env_key(var: &str) -> String {
     let lower = var.to_ascii_lowercase();
     for section in SECTIONS {
@@ -205,6 +210,13 @@ fn env_key(var: &str) -> String {
             .strip_prefix(section)
             .and_then(|r| r.strip_prefix('_'))
         {
+            for (in_section, table) in SUBTABLES {
+                if in_section == section
+                    && let Some(key) = rest.strip_prefix(table).and_then(|r| r.strip_prefix('_'))
+                {
+                    return format!("{section}.{table}.{key}");
+                }
+            }
             return format!("{section}.{rest}");
         }
     }

@@ -131,3 +131,27 @@ fn toml_syntax_error_names_the_file() {
     assert!(err.starts_with("config file "), "{err}");
     assert!(err.contains("line 1") && !err.contains('\n'), "{err}");
 }
+
+#[test]
+fn env_reaches_keys_in_nested_tables() {
+    let config = load_from(
+        None,
+        &json!({}),
+        vec![
+            ("EDGEWARD_ETCD_TLS_CA_FILE".to_owned(), "/ca.pem".to_owned()),
+            (
+                "EDGEWARD_OTLP_TLS_CA_FILE".to_owned(),
+                "/otlp-ca.pem".to_owned(),
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        config.etcd.tls.ca_file.as_deref(),
+        Some(std::path::Path::new("/ca.pem"))
+    );
+    assert_eq!(
+        config.otlp.tls.ca_file.as_deref(),
+        Some(std::path::Path::new("/otlp-ca.pem"))
+    );
+}
