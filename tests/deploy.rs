@@ -498,8 +498,12 @@ fn release_binary_links_only_the_c_library() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert!(!libs.is_empty(), "ldd printed nothing");
-    // glibc's own pieces: the C library, its dynamic loader, the vDSO, and libm/libdl/
-    // libpthread/librt, which are parts of glibc.
+    // The C runtime: glibc's pieces (libc, its dynamic loader, the vDSO, libm/libdl/
+    // libpthread/librt) and libgcc_s, GCC's runtime support library that Rust's std links for
+    // stack unwinding on every *-linux-gnu target and that glibc itself loads for thread
+    // cancellation (Debian's Essential package libgcc-s1; distroless/cc ships it). Only
+    // `-C target-feature=+crt-static` (static glibc) removes it. Anything else (OpenSSL, zlib,
+    // libstdc++, libelf, ...) fails here.
     let glibc = |l: &str| {
         let file = l.rsplit('/').next().unwrap_or(l);
         [
@@ -510,6 +514,7 @@ fn release_binary_links_only_the_c_library() {
             "libdl.so",
             "libpthread.so",
             "librt.so",
+            "libgcc_s.so",
         ]
         .iter()
         .any(|p| file.starts_with(p))
