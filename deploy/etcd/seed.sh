@@ -10,6 +10,7 @@
 #   --endpoints URL[,URL]   etcd client URLs (default: $ETCDCTL_ENDPOINTS or http://127.0.0.1:2379)
 #   --prefix PREFIX         key prefix (default /edgeward/v1, as etcd.prefix)
 #   --module NAME=FILE      the module of plugin NAME; every manifest in plugins/ needs one
+#   --no-plugins            write the config documents only
 #   --dir DIR               a layout directory other than this one
 # etcdctl comes from $ETCDCTL or PATH; TLS and auth flags go in ETCDCTL_* variables
 # (ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY, ETCDCTL_USER).
@@ -20,6 +21,7 @@ dir=$here
 endpoints=${ETCDCTL_ENDPOINTS:-http://127.0.0.1:2379}
 prefix=/edgeward/v1
 declare -A modules=()
+plugins=1
 chunk_size=$((1024 * 1024))
 
 die() { printf 'seed.sh: %s\n' "$*" >&2; exit 2; }
@@ -34,7 +36,8 @@ while [ $# -gt 0 ]; do
       [[ $spec == *=* ]] || die "--module $spec: expected NAME=FILE"
       modules[${spec%%=*}]=${spec#*=}
       shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --no-plugins) plugins=0; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -58,7 +61,7 @@ for f in "$dir"/config/nodes/*.json; do
 done
 
 for f in "$dir"/plugins/*.json; do
-  [ -e "$f" ] || continue
+  [ -e "$f" ] && [ $plugins -eq 1 ] || continue
   name=$(basename "$f" .json)
   module=${modules[$name]:-}
   [ -n "$module" ] || die "plugin $name: no module given (--module $name=FILE.wasm)"
