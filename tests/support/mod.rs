@@ -5,6 +5,7 @@
 //! missing privilege fails the test with a message that says how to fix the machine.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod deploy;
 pub mod otlp;
 pub mod probe;
 pub mod tls;
