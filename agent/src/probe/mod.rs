@@ -326,8 +326,10 @@ impl ProbeConfig {
         }
     }
 
-    /// Loads and attaches the probe and sets `probe.state` in `status` (`running`, or
-    /// `degraded` with the missing fields when the kernel lacks BTF or the accept hook).
+    /// Loads and attaches the probe and sets `probe.state` in `status`: `running` (with
+    /// `missing_fields` naming what the missing accept hook costs, if anything), or
+    /// `degraded` with the missing fields when the kernel lacks BTF or an optional
+    /// tracepoint.
     pub fn start(&self, status: &StatusHandle) -> Result<Probe, ProbeError> {
         if PROGRAMS.is_empty() {
             return Err(ProbeError::NotBuilt);
