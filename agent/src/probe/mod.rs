@@ -485,7 +485,8 @@ impl FloorProbe {
         Ok(Self { ebpf })
     }
 
-    /// Run counts and kernel run time of its programs (see [`program_stats`]).
+    /// Run counts and kernel run time of its programs (zero unless the kernel's BPF
+    /// statistics are enabled, `aya::sys::enable_stats`).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         program_stats(&self.ebpf)
     }
@@ -566,7 +567,8 @@ impl Probe {
         self.out_rx.take()
     }
 
-    /// Run counts and kernel run time of its programs (see [`program_stats`]).
+    /// Run counts and kernel run time of its programs (zero unless the kernel's BPF
+    /// statistics are enabled, `aya::sys::enable_stats`).
     pub fn program_stats(&self) -> Vec<ProgramStats> {
         program_stats(&self.ebpf)
     }
