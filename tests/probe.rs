@@ -524,3 +524,52 @@ fn without_privileges_the_agent_runs_with_the_probe_degraded() {
         "{reason}"
     );
 }
+
+#[test]
+fn connections_are_enriched_with_executable_container_and_pod_from_cgroupfs() {
+    let probe = RunningProbe::start(ProbeConfig::default());
+    let pid = std::process::id();
+    let pod_uid = format!("0c6a7c3e-5f1b-4f5e-9a43-{pid:012x}");
+    let container = format!("{pid:016x}").repeat(4);
+    // The layout the kubelet's systemd cgroup driver and containerd create.
+    let cgroup = support::probe::Cgroup::new(&[
+        format!(
+            "ew-{pid}-kubepods-besteffort-pod{}.slice",
+            pod_uid.replace('-', "_")
+        ),
+        format!("cri-containerd-{container}.scope"),
+    ]);
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let epid = echo.pid();
+    cgroup.add(epid);
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    let events = probe.wait_events(port, WAIT, "the echo server's open", |e| {
+        !of_kind(e, EventKind::Open, epid).is_empty()
+    });
+    let open = of_kind(&events, EventKind::Open, epid)[0];
+    assert_eq!(
+        open.container_id.as_deref(),
+        Some(container.as_str()),
+        "{open:#?}"
+    );
+    assert_eq!(open.pod_uid.as_deref(), Some(pod_uid.as_str()), "{open:#?}");
+    let exe = open.executable.as_deref().unwrap_or_default();
+    assert!(exe.starts_with("python"), "{open:#?}");
+    // The client is in the host's root cgroup: no container, no pod.
+    let pinger_pid = pinger.pid();
+    let client = events
+        .iter()
+        .find(|e| e.tgid == pinger_pid)
+        .expect("the pinger's events");
+    assert_eq!(
+        (client.container_id.as_deref(), client.pod_uid.as_deref()),
+        (None, None)
+    );
+    pinger.send_line("bye");
+    pinger.finish();
+    drop(echo);
+}
