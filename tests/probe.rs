@@ -573,3 +573,71 @@ fn connections_are_enriched_with_executable_container_and_pod_from_cgroupfs() {
     pinger.finish();
     drop(echo);
 }
+
+#[test]
+fn a_full_output_channel_drops_and_counts_without_blocking_the_reader() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = edgeward::status::StatusHandle::new("full-channel");
+    let mut probe = {
+        let _guard = rt.enter();
+        ProbeConfig {
+            channel_capacity: 2,
+            ..ProbeConfig::default()
+        }
+        .start(&status)
+        .unwrap_or_else(|e| panic!("loading the eBPF probe failed (needs root and BPF): {e}"))
+    };
+    // Held but never read: the consumer is stuck.
+    let _events = probe.take_events().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = rt.spawn(probe.run(shutdown.clone()));
+    let mut server = Traffic::spawn(None, &["server", "127.0.0.1", "10", "10", "10", "normal"]);
+    let port = server.port();
+    Traffic::spawn(
+        None,
+        &["client", "127.0.0.1", &port.to_string(), "10", "10", "10"],
+    )
+    .finish();
+    server.finish();
+    // 10 connections = 40 records at least; the reader keeps reading them all.
+    let deadline = Instant::now() + WAIT;
+    let probe_status = loop {
+        let p = status.snapshot().probe;
+        let full = p
+            .drop_reasons
+            .get("output_channel_full")
+            .copied()
+            .unwrap_or(0)
+            + p.drop_reasons
+                .get("reader_channel_full")
+                .copied()
+                .unwrap_or(0);
+        if p.events >= 40 && full >= 30 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Every record was read from the ring buffer (none lost there); what could not be
+    // passed on was dropped at one of the two channels and counted.
+    assert_eq!(
+        probe_status.drop_reasons.get("ring_buffer_full"),
+        Some(&0),
+        "{probe_status:?}"
+    );
+    let channel_drops = probe_status.drop_reasons["output_channel_full"]
+        + probe_status.drop_reasons["reader_channel_full"];
+    assert!(channel_drops >= 30, "{probe_status:?}");
+    assert!(
+        channel_drops + 2 * 2 >= probe_status.events,
+        "at most two events in each full channel: {probe_status:?}"
+    );
+    shutdown.cancel();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await })
+        .expect("the probe stops even with a stuck consumer")
+        .unwrap();
+}

@@ -182,9 +182,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    if text.contains("Operation not permitted") {
-        text.push_str(" (the probe needs CAP_BPF and CAP_PERFMON, or root; see docs/probe.md)");
-    }
     text
 }
 
