@@ -51,19 +51,23 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # Starts "$@" with a pipe on stdin (closing it stops the harness); waits for "ready".
 start_harness() {
+  rm -f "$work/harness.out" "$work/harness.err"   # never mistake the last leg's "ready"
   exec {to_harness}> >("$@" > "$work/harness.out" 2>"$work/harness.err")
   for _ in $(seq 100); do grep -q ready "$work/harness.out" 2>/dev/null && return; sleep 0.05; done
   echo "harness did not start: $(cat "$work/harness.err")" >&2; exit 1
 }
 stop_harness() { exec {to_harness}>&-; for _ in $(seq 100); do [ "$(wc -l < "$work/harness.out")" -ge 2 ] && break; sleep 0.05; done; }
 
-printf 'round none floor agent full agent_cpu%% agent_rss_kb full_active_closes full_connections ringbuf_drops\n' > "$work/rounds"
+printf 'round none floor agent full agent_cpu%% agent_rss_kb full_active_closes full_connections ringbuf_drops floor_bpf_ns/conn full_bpf_ns/conn\n' > "$work/rounds"
 for round in $(seq "$ROUNDS"); do
   none=$(churn)
 
   start_harness "$HARNESS" floor
-  floor=$(churn)
+  floorout=$(ip netns exec "$NS" "$work/churn" "$SECS" "$THREADS")
   stop_harness
+  floor=$(sed -n 's/.*rate=\([0-9]*\).*/\1/p' <<< "$floorout")
+  floor_made=$(sed -n 's/.*connections=\([0-9]*\).*/\1/p' <<< "$floorout")
+  floor_ns=$(tail -1 "$work/harness.out" | sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p')
 
   port=$(free_port)
   "$AGENT" run --admin-addr "127.0.0.1:$port" --node-name bench --cache-dir "$work/cache" \
@@ -86,8 +90,11 @@ for round in $(seq "$ROUNDS"); do
   result=$(tail -1 "$work/harness.out")
   active=$(sed -n 's/.*active_closes=\([0-9]*\).*/\1/p' <<< "$result")
   rbdrops=$(sed -n 's/.*"ring_buffer_full": \([0-9]*\).*/\1/p' <<< "$result")
+  full_ns=$(sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p' <<< "$result")
   echo "round $round: none=$none floor=$floor agent=$agent full=$full agent_cpu=${cpu}% rss=${rss}kB | $result" >&2
-  printf '%s %s %s %s %s %s %s %s %s %s\n' "$round" "$none" "$floor" "$agent" "$full" "$cpu" "$rss" "$active" "$made" "${rbdrops:-?}" >> "$work/rounds"
+  fpc=$(awk -v n="$floor_ns" -v c="$floor_made" 'BEGIN { printf "%.0f", n / c }')
+  apc=$(awk -v n="$full_ns" -v c="$made" 'BEGIN { printf "%.0f", n / c }')
+  printf '%s %s %s %s %s %s %s %s %s %s %s %s\n' "$round" "$none" "$floor" "$agent" "$full" "$cpu" "$rss" "$active" "$made" "${rbdrops:-?}" "$fpc" "$apc" >> "$work/rounds"
 done
 
 echo
@@ -98,6 +105,7 @@ awk 'NR > 1 {
   af[n] = $4 / $2; ff[n] = $3 / $2; al[n] = $4 / $3;
   cpu += $6; rate += $4; if ($7 > rss) rss = $7;
   if ($8 < $9) incomplete++; drops += $10; act += $8; made += $9
+  fns[n] = $11; pns[n] = $12; cpn[n] = $6 / 100 * 1e9 / $4
 }
 function median(a, n,   i, j, t, b) { for (i = 1; i <= n; i++) b[i] = a[i];
   for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (b[j] < b[i]) { t = b[i]; b[i] = b[j]; b[j] = t }
@@ -110,5 +118,9 @@ END {
   printf "floor/none: median %.3f, mean %.3f\n", median(ff, n), mean(ff, n)
   printf "agent/floor: median %.3f, mean %.3f\n", median(al, n), mean(al, n)
   printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s; peak RSS %.1f MB\n", cpu / n, rate / n, (cpu / n) / (rate / n / 10000), rss / 1024
+  printf "kernel BPF time per connection (both ends, all programs): floor %.0f ns, probe %.0f ns (medians)\n", median(fns, n), median(pns, n)
+  printf "agent process CPU per connection: %.0f ns (median)\n", median(cpn, n)
+  budget = 2e9 / median(rn, n)
+  printf "cost model (noise-free): 2 cores / %.0f conn/s = %.0f ns of CPU per connection; probe adds %.0f ns (kernel) + %.0f ns (agent) = %.2f%%, floor %.2f%% -> expected agent/none %.3f, agent/floor %.3f\n", median(rn, n), budget, median(pns, n), median(cpn, n), 100 * (median(pns, n) + median(cpn, n)) / budget, 100 * median(fns, n) / budget, 1 / (1 + (median(pns, n) + median(cpn, n)) / budget), (1 + median(fns, n) / budget) / (1 + (median(pns, n) + median(cpn, n)) / budget)
   printf "completeness (harness): %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, incomplete, drops
 }' "$work/rounds"

@@ -252,17 +252,23 @@ fn connections_in_another_network_namespace_are_attributed_to_it() {
 fn retransmits_are_counted_on_a_lossy_path_and_not_on_a_clean_one() {
     let probe = RunningProbe::start(ProbeConfig::default());
     let net = VethPair::new("rt");
-    const BYTES: &str = "400000";
+    // veth carries GSO super-packets of up to 64 KB, so the transfer is a few dozen packets
+    // to the filter: 2 MB with a quarter dropped makes "no loss at all" a 1-in-10,000 event.
+    const BYTES: &str = "2000000";
+    // The clean transfer is small: on a loaded machine a long transfer can see a tail-loss
+    // probe fire (ACK processing delayed past 10 ms), which the kernel counts as a
+    // retransmit although nothing was lost.
+    const CLEAN_BYTES: &str = "64000";
     let mut lossy = Traffic::spawn(
         Some(&net.b),
         &["server", &net.addr_b, "1", BYTES, "10", "normal"],
     );
     let mut clean = Traffic::spawn(
         Some(&net.b),
-        &["server", &net.addr_b, "1", BYTES, "10", "normal"],
+        &["server", &net.addr_b, "1", CLEAN_BYTES, "10", "normal"],
     );
     let (lossy_port, clean_port) = (lossy.port(), clean.port());
-    // Drop 10 % of the segments that reach the lossy server (nftables: no netem here).
+    // Drop 25 % of the packets that reach the lossy server (nftables: no netem here).
     net.b.exec(&["nft", "add", "table", "inet", "ewloss"]);
     net.b.exec(&[
         "nft",
@@ -286,15 +292,15 @@ fn retransmits_are_counted_on_a_lossy_path_and_not_on_a_clean_one() {
         "numgen",
         "random",
         "mod",
-        "10",
+        "4",
         "0",
         "drop",
     ]);
     let mut pids = Vec::new();
-    for port in [lossy_port, clean_port] {
+    for (port, bytes) in [(lossy_port, BYTES), (clean_port, CLEAN_BYTES)] {
         let client = Traffic::spawn(
             Some(&net.a),
-            &["client", &net.addr_b, &port.to_string(), "1", BYTES, "10"],
+            &["client", &net.addr_b, &port.to_string(), "1", bytes, "10"],
         );
         pids.push(client.pid());
         client.finish();
@@ -302,10 +308,13 @@ fn retransmits_are_counted_on_a_lossy_path_and_not_on_a_clean_one() {
     lossy.finish();
     clean.finish();
     let mut retrans = Vec::new();
-    for (port, pid) in [lossy_port, clean_port].into_iter().zip(&pids) {
+    for ((port, bytes), pid) in [(lossy_port, 2_000_000), (clean_port, 64_000)]
+        .into_iter()
+        .zip(&pids)
+    {
         let events = probe.wait_events(port, WAIT, "the client close", |e| closes_by(e, *pid) == 1);
         let c = of_kind(&events, EventKind::Close, *pid)[0].clone();
-        assert_eq!(c.bytes_sent, 400_000, "{c:#?}");
+        assert_eq!(c.bytes_sent, bytes, "{c:#?}");
         assert_eq!(c.netns, net.a.inode(), "{c:#?}");
         retrans.push(c.retransmits);
     }
@@ -523,4 +532,121 @@ fn without_privileges_the_agent_runs_with_the_probe_degraded() {
         reason.contains("Operation not permitted") || reason.contains("permission"),
         "{reason}"
     );
+}
+
+#[test]
+fn connections_are_enriched_with_executable_container_and_pod_from_cgroupfs() {
+    let probe = RunningProbe::start(ProbeConfig::default());
+    let pid = std::process::id();
+    let pod_uid = format!("0c6a7c3e-5f1b-4f5e-9a43-{pid:012x}");
+    let container = format!("{pid:016x}").repeat(4);
+    // The layout the kubelet's systemd cgroup driver and containerd create.
+    let cgroup = support::probe::Cgroup::new(&[
+        format!(
+            "ew-{pid}-kubepods-besteffort-pod{}.slice",
+            pod_uid.replace('-', "_")
+        ),
+        format!("cri-containerd-{container}.scope"),
+    ]);
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let epid = echo.pid();
+    cgroup.add(epid);
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    let events = probe.wait_events(port, WAIT, "the echo server's open", |e| {
+        !of_kind(e, EventKind::Open, epid).is_empty()
+    });
+    let open = of_kind(&events, EventKind::Open, epid)[0];
+    assert_eq!(
+        open.container_id.as_deref(),
+        Some(container.as_str()),
+        "{open:#?}"
+    );
+    assert_eq!(open.pod_uid.as_deref(), Some(pod_uid.as_str()), "{open:#?}");
+    let exe = open.executable.as_deref().unwrap_or_default();
+    assert!(exe.starts_with("python"), "{open:#?}");
+    // The client is in the host's root cgroup: no container, no pod.
+    let pinger_pid = pinger.pid();
+    let client = events
+        .iter()
+        .find(|e| e.tgid == pinger_pid)
+        .expect("the pinger's events");
+    assert_eq!(
+        (client.container_id.as_deref(), client.pod_uid.as_deref()),
+        (None, None)
+    );
+    pinger.send_line("bye");
+    pinger.finish();
+    drop(echo);
+}
+
+#[test]
+fn a_full_output_channel_drops_and_counts_without_blocking_the_reader() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = edgeward::status::StatusHandle::new("full-channel");
+    let mut probe = {
+        let _guard = rt.enter();
+        ProbeConfig {
+            channel_capacity: 2,
+            ..ProbeConfig::default()
+        }
+        .start(&status)
+        .unwrap_or_else(|e| panic!("loading the eBPF probe failed (needs root and BPF): {e}"))
+    };
+    // Held but never read: the consumer is stuck.
+    let _events = probe.take_events().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = rt.spawn(probe.run(shutdown.clone()));
+    let mut server = Traffic::spawn(None, &["server", "127.0.0.1", "10", "10", "10", "normal"]);
+    let port = server.port();
+    Traffic::spawn(
+        None,
+        &["client", "127.0.0.1", &port.to_string(), "10", "10", "10"],
+    )
+    .finish();
+    server.finish();
+    // 10 connections = 40 records at least; the reader keeps reading them all.
+    let deadline = Instant::now() + WAIT;
+    let probe_status = loop {
+        let p = status.snapshot().probe;
+        let full = p
+            .drop_reasons
+            .get("output_channel_full")
+            .copied()
+            .unwrap_or(0)
+            + p.drop_reasons
+                .get("reader_channel_full")
+                .copied()
+                .unwrap_or(0);
+        if p.events >= 40 && full >= 30 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "{p:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Every record was read from the ring buffer (none lost there); what could not be
+    // passed on was dropped at one of the two channels and counted.
+    assert_eq!(
+        probe_status.drop_reasons.get("ring_buffer_full"),
+        Some(&0),
+        "{probe_status:?}"
+    );
+    let channel_drops = probe_status.drop_reasons["output_channel_full"]
+        + probe_status.drop_reasons["reader_channel_full"];
+    assert!(channel_drops >= 30, "{probe_status:?}");
+    assert!(
+        channel_drops + 2 * 2 >= probe_status.events,
+        "at most two events in each full channel: {probe_status:?}"
+    );
+    shutdown.cancel();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await })
+        .expect("the probe stops even with a stuck consumer")
+        .unwrap();
 }

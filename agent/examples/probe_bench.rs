@@ -4,14 +4,27 @@
 //! tracepoint); `probe_bench full NETNS_INODE` runs the agent's probe (kernel programs, ring
 //! buffer reader, enrichment, bounded channels) and counts the events of connections in the
 //! given network namespace, where the load generator runs. Both run until stdin closes, then
-//! print one line of `key=value` results.
+//! print one line of `key=value` results, including the kernel run time of the programs
+//! (`bpf_ns`, from the kernel's BPF run-time statistics, enabled while the harness runs).
 
 use std::{io::Read as _, time::Duration};
 
 use edgeward::{
-    probe::{FloorProbe, ProbeConfig, event::Direction, event::EventKind},
+    probe::{FloorProbe, ProbeConfig, ProgramStats, event::Direction, event::EventKind},
     status::StatusHandle,
 };
+
+/// `bpf_runs=N bpf_ns=T` over all programs, then each program's share.
+fn stats_line(stats: &[ProgramStats]) -> String {
+    let runs: u64 = stats.iter().map(|s| s.run_count).sum();
+    let ns: u64 = stats.iter().map(|s| s.run_time_ns).sum();
+    let each: Vec<String> = stats
+        .iter()
+        .filter(|s| s.run_count > 0)
+        .map(|s| format!("{}:{}runs/{}ns", s.name, s.run_count, s.run_time_ns))
+        .collect();
+    format!("bpf_runs={runs} bpf_ns={ns} programs={}", each.join(","))
+}
 use tokio_util::sync::CancellationToken;
 
 fn wait_for_stdin_eof() {
@@ -21,12 +34,18 @@ fn wait_for_stdin_eof() {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // Kernel-wide BPF run-time statistics, on while this fd is open (restored at exit).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
     match args.get(1).map(String::as_str) {
         Some("floor") => {
             let floor = FloorProbe::attach()?;
             println!("ready");
             wait_for_stdin_eof();
-            println!("state_changes={}", floor.state_changes());
+            println!(
+                "state_changes={} {}",
+                floor.state_changes(),
+                stats_line(&floor.program_stats())
+            );
             Ok(())
         }
         Some("full") => {
@@ -54,6 +73,8 @@ fn full(netns: u32) -> anyhow::Result<()> {
         .take_events()
         .ok_or_else(|| anyhow::anyhow!("no receiver"))?;
     let shutdown = CancellationToken::new();
+    // The probe moves into its task; its programs are found again by kernel id.
+    let ids: Vec<u32> = probe.program_stats().iter().map(|s| s.id).collect();
     let task = rt.spawn(probe.run(shutdown.clone()));
     let counts = rt.spawn(async move {
         let (mut active, mut passive, mut other) = (0u64, 0u64, 0u64);
@@ -73,13 +94,17 @@ fn full(netns: u32) -> anyhow::Result<()> {
     wait_for_stdin_eof();
     // Let the last records drain through the ring buffer and both channels.
     std::thread::sleep(Duration::from_millis(500));
+    let stats = edgeward::probe::program_stats_by_id(&ids);
     shutdown.cancel();
     rt.block_on(task)?;
     let (active, passive, other) = rt.block_on(counts)?;
     let p = status.snapshot().probe;
     println!(
-        "active_closes={active} passive_closes={passive} other_events={other} events={} drops={} drop_reasons={:?}",
-        p.events, p.drops, p.drop_reasons
+        "active_closes={active} passive_closes={passive} other_events={other} events={} drops={} {} drop_reasons={:?}",
+        p.events,
+        p.drops,
+        stats_line(&stats),
+        p.drop_reasons
     );
     Ok(())
 }

@@ -330,3 +330,48 @@ impl VethPair {
         }
     }
 }
+
+/// A nested cgroup v2 path of this test (e.g. a fake pod slice and container scope), removed
+/// on drop after moving any process left in it back to the root cgroup.
+pub struct Cgroup {
+    dirs: Vec<PathBuf>,
+    root: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `parts` nested under the cgroup v2 mount point.
+    pub fn new(parts: &[String]) -> Cgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let root = edgeward::probe::enrich::cgroup2_mount(&mountinfo)
+            .expect("no cgroup v2 hierarchy mounted (needed by the enrichment test)");
+        let mut dirs = Vec::new();
+        let mut path = root.clone();
+        for part in parts {
+            path = path.join(part);
+            std::fs::create_dir(&path)
+                .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+            dirs.push(path.clone());
+        }
+        Cgroup { dirs, root }
+    }
+
+    /// Moves process `pid` into the innermost cgroup.
+    pub fn add(&self, pid: u32) {
+        let leaf = self.dirs.last().expect("a cgroup");
+        std::fs::write(leaf.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", leaf.display()));
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}

@@ -7,7 +7,6 @@ use std::{
     hash::Hash,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
 };
 
 use super::event::ConnectionEvent;
@@ -113,14 +112,20 @@ pub struct Enricher {
     cgroup_root: PathBuf,
     executables: BoundedCache<(u32, Arc<str>), Option<Arc<str>>>,
     cgroups: BoundedCache<u64, CgroupInfo>,
-    last_scan: Option<Instant>,
-    min_rescan: Duration,
+    /// Walks of cgroupfs so far.
+    scans: u64,
 }
 
 impl Enricher {
-    /// An enricher reading `/proc` and the cgroup v2 hierarchy at `/sys/fs/cgroup`.
+    /// An enricher reading `/proc` and the cgroup v2 hierarchy where it is mounted (found in
+    /// `/proc/self/mountinfo`: `/sys/fs/cgroup` on unified hosts, often
+    /// `/sys/fs/cgroup/unified` on hybrid ones).
     pub fn new(cache_size: usize) -> Self {
-        Self::with_roots(cache_size, "/proc".into(), "/sys/fs/cgroup".into())
+        let root = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| cgroup2_mount(&m))
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
+        Self::with_roots(cache_size, "/proc".into(), root)
     }
 
     /// An enricher with other roots (tests).
@@ -130,8 +135,7 @@ impl Enricher {
             cgroup_root,
             executables: BoundedCache::new(cache_size),
             cgroups: BoundedCache::new(cache_size),
-            last_scan: None,
-            min_rescan: Duration::from_secs(1),
+            scans: 0,
         }
     }
 
@@ -171,28 +175,41 @@ impl Enricher {
         if let Some(hit) = self.cgroups.get(&id) {
             return hit.clone();
         }
-        let due = self
-            .last_scan
-            .is_none_or(|t| t.elapsed() >= self.min_rescan);
-        if due {
-            self.last_scan = Some(Instant::now());
-            if let Some(path) = find_cgroup(&self.cgroup_root, id) {
-                let rel = path
-                    .strip_prefix(&self.cgroup_root)
-                    .unwrap_or(&path)
-                    .to_string_lossy()
-                    .into_owned();
-                let info = parse_cgroup_path(&rel);
-                self.cgroups.insert(id, info.clone());
-                return info;
+        // One walk of cgroupfs per cgroup never seen before (cgroup ids are not reused within
+        // a boot); the walk caches what it finds on the way, and a miss is cached too.
+        self.scans += 1;
+        let mut found = CgroupInfo::default();
+        let root = self.cgroup_root.clone();
+        walk_cgroups(&root, |ino, path| {
+            let rel = path.strip_prefix(&root).unwrap_or(path).to_string_lossy();
+            let info = parse_cgroup_path(&rel);
+            if ino == id {
+                found = info.clone();
             }
-        }
-        CgroupInfo::default()
+            if info != CgroupInfo::default() || ino == id {
+                self.cgroups.insert(ino, info);
+            }
+        });
+        self.cgroups.insert(id, found.clone());
+        found
     }
 }
 
-/// Walks cgroupfs for the directory whose inode number is `id`.
-fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
+/// The mount point of the cgroup v2 hierarchy in a mountinfo text. The id the kernel reports
+/// (`bpf_get_current_cgroup_id`) is an inode number in that hierarchy only: cgroup v1
+/// hierarchies have their own inode numbers and must not be searched.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Calls `visit(inode, path)` for every directory of the cgroup tree under `root`.
+fn walk_cgroups(root: &Path, mut visit: impl FnMut(u64, &Path)) {
     use std::os::unix::fs::MetadataExt as _;
     let mut stack = vec![root.to_path_buf()];
     // Bounded: a cgroup tree has thousands of directories at most on an edge node.
@@ -201,20 +218,20 @@ fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
         let Ok(meta) = std::fs::metadata(&dir) else {
             continue;
         };
-        if meta.ino() == id {
-            return Some(dir);
-        }
+        visit(meta.ino(), &dir);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                budget = budget.checked_sub(1)?;
+                let Some(left) = budget.checked_sub(1) else {
+                    return;
+                };
+                budget = left;
                 stack.push(entry.path());
             }
         }
     }
-    None
 }
 
 #[cfg(test)]
@@ -259,6 +276,20 @@ mod tests {
     }
 
     #[test]
+    fn cgroup2_mount_point_from_mountinfo() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+                      36 25 0:31 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount("35 25 0:30 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
     fn cache_is_bounded() {
         let mut c = BoundedCache::new(2);
         c.insert(1, "a");
@@ -281,6 +312,10 @@ mod tests {
         let ino = std::fs::metadata(&dir).unwrap().ino();
         let mut e = Enricher::with_roots(8, "/proc".into(), root.path().to_path_buf());
         assert_eq!(e.cgroup(ino).container_id.as_deref(), Some(ID));
-        assert_eq!(e.cgroups.len(), 1);
+        // Unknown ids cost one walk each, then come from the cache.
+        assert_eq!(e.cgroup(u64::MAX), CgroupInfo::default());
+        assert_eq!(e.cgroup(u64::MAX), CgroupInfo::default());
+        assert_eq!(e.cgroup(ino).container_id.as_deref(), Some(ID));
+        assert_eq!(e.scans, 2);
     }
 }

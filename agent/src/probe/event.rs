@@ -88,8 +88,9 @@ pub enum AttrEdit {
 pub struct ConnectionEvent {
     /// Open, update or close.
     pub kind: EventKind,
-    /// A per-boot unique id of the connection (the kernel socket's cookie), equal in all its
-    /// events.
+    /// A per-boot unique id of the connection, equal in all its events (a hash of the
+    /// kernel socket's address and its start time: tracepoint programs cannot ask for the
+    /// socket cookie, which the kernel only assigns on demand).
     pub conn_id: u64,
     /// Active or passive open.
     pub direction: Direction,

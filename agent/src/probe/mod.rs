@@ -182,9 +182,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    if text.contains("Operation not permitted") {
-        text.push_str(" (the probe needs CAP_BPF and CAP_PERFMON, or root; see docs/probe.md)");
-    }
     text
 }
 
@@ -256,7 +253,7 @@ struct UserDrops {
 /// A loaded and attached probe. Dropping it detaches the programs.
 pub struct Probe {
     /// Kept alive: dropping it detaches the programs.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     config: ProbeConfig,
@@ -326,8 +323,10 @@ impl ProbeConfig {
         }
     }
 
-    /// Loads and attaches the probe and sets `probe.state` in `status` (`running`, or
-    /// `degraded` with the missing fields when the kernel lacks BTF or the accept hook).
+    /// Loads and attaches the probe and sets `probe.state` in `status`: `running` (with
+    /// `missing_fields` naming what the missing accept hook costs, if anything), or
+    /// `degraded` with the missing fields when the kernel lacks BTF or an optional
+    /// tracepoint.
     pub fn start(&self, status: &StatusHandle) -> Result<Probe, ProbeError> {
         if PROGRAMS.is_empty() {
             return Err(ProbeError::NotBuilt);
@@ -407,7 +406,7 @@ impl ProbeConfig {
             "eBPF probe loaded and attached"
         );
         Ok(Probe {
-            _ebpf: ebpf,
+            ebpf,
             ring: Some(ring),
             counters,
             config: self.clone(),
@@ -483,6 +482,12 @@ impl FloorProbe {
         Ok(Self { ebpf })
     }
 
+    /// Run counts and kernel run time of its programs (zero unless the kernel's BPF
+    /// statistics are enabled, `aya::sys::enable_stats`).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        program_stats(&self.ebpf)
+    }
+
     /// TCP state changes counted so far.
     pub fn state_changes(&self) -> u64 {
         self.ebpf
@@ -492,6 +497,50 @@ impl FloorProbe {
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
     }
+}
+
+/// How often a kernel program ran and for how long in total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// The program's name.
+    pub name: String,
+    /// The kernel's id of the program.
+    pub id: u32,
+    /// Runs.
+    pub run_count: u64,
+    /// Total run time, nanoseconds.
+    pub run_time_ns: u64,
+}
+
+/// Run statistics of the loaded programs of `ebpf`. The kernel only keeps them while
+/// statistics are enabled (`aya::sys::enable_stats`); otherwise they read 0.
+fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some(ProgramStats {
+                name: name.to_owned(),
+                id: info.id(),
+                run_count: info.run_count(),
+                run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+            })
+        })
+        .collect()
+}
+
+/// Current statistics of the programs with the given kernel ids (for reading them while a
+/// [`Probe`] runs in its task).
+pub fn program_stats_by_id(ids: &[u32]) -> Vec<ProgramStats> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| ids.contains(&info.id()))
+        .map(|info| ProgramStats {
+            name: info.name_as_str().unwrap_or("?").to_owned(),
+            id: info.id(),
+            run_count: info.run_count(),
+            run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        })
+        .collect()
 }
 
 /// Totals of the kernel's per-CPU counters.
@@ -513,6 +562,12 @@ impl Probe {
     /// The enriched events. Returns `None` after the first call.
     pub fn take_events(&mut self) -> Option<mpsc::Receiver<ConnectionEvent>> {
         self.out_rx.take()
+    }
+
+    /// Run counts and kernel run time of its programs (zero unless the kernel's BPF
+    /// statistics are enabled, `aya::sys::enable_stats`).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        program_stats(&self.ebpf)
     }
 
     /// Event fields this kernel cannot give (empty when everything is available).
