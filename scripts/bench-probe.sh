@@ -7,7 +7,7 @@
 #
 # Legs alternate within each round, so slow drifts of a shared machine hit every leg alike;
 # ratios are computed per round against that round's no-probe leg and summarised as the
-# median and the mean over rounds. The generator (bench/churn.c) runs in a network namespace
+# median and the mean over rounds. The generator (tests/load/churn.c) runs in a network namespace
 # of its own (tcp_tw_reuse on, wide port range) so that TIME_WAIT does not cap the rate and
 # so that the harness can count exactly its connections (by netns) while others use the
 # machine. Needs root. Prints figures for docs/PERFORMANCE.md "## Probe".
@@ -38,7 +38,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-gcc -O2 -pthread -o "$work/churn" bench/churn.c
+gcc -O2 -pthread -o "$work/churn" tests/load/churn.c
 ip netns add "$NS"
 ip -n "$NS" link set lo up
 ip netns exec "$NS" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="32768 65000"
