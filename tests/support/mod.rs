@@ -5,6 +5,8 @@
 //! missing privilege fails the test with a message that says how to fix the machine.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod plugins;
+
 use std::{
     fs,
     io::Read as _,

@@ -1,5 +1,6 @@
 //! The `edgeward` command line. `main` calls [`main`]; everything it does is here.
 
+mod plugin;
 mod status;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -36,7 +37,7 @@ enum Command {
     Run(RunArgs),
     /// Check, run, publish and list WASM policy plugins.
     #[command(subcommand)]
-    Plugin(PluginCommand),
+    Plugin(plugin::PluginCommand),
     /// Show this node's status from its admin endpoint.
     Status(status::StatusArgs),
     /// Look at the offline cache.
@@ -92,18 +93,6 @@ struct RunArgs {
 }
 
 #[derive(Debug, Subcommand)]
-enum PluginCommand {
-    /// Validate a plugin module and run its init with a config.
-    Check(NotYet),
-    /// Run a plugin on recorded events and print its verdicts.
-    Run(NotYet),
-    /// Upload a plugin module and its manifest to etcd.
-    Publish(NotYet),
-    /// List the plugins in etcd and the nodes that run them.
-    List(NotYet),
-}
-
-#[derive(Debug, Subcommand)]
 enum CacheCommand {
     /// Print what the offline cache holds and whether it passes its checksum.
     Inspect(NotYet),
@@ -123,12 +112,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => status::main(args),
-        Command::Plugin(cmd) => not_yet(match cmd {
-            PluginCommand::Check(_) => "plugin check",
-            PluginCommand::Run(_) => "plugin run",
-            PluginCommand::Publish(_) => "plugin publish",
-            PluginCommand::List(_) => "plugin list",
-        }),
+        Command::Plugin(cmd) => plugin::main(cmd),
         Command::Cache(CacheCommand::Inspect(_)) => not_yet("cache inspect"),
     }
 }

@@ -25,8 +25,8 @@ mod wit {
     });
 }
 
-pub(crate) use wit::{Plugin, PluginPre, exports::edgeward::policy::policy as exports};
 use wit::edgeward::policy::host;
+pub(crate) use wit::{Plugin, PluginPre, exports::edgeward::policy::policy as exports};
 
 /// The interface a plugin must export (package version included).
 pub const INTERFACE: &str = "edgeward:policy/policy@0.1.0";
@@ -282,13 +282,18 @@ impl PluginRuntime {
     ) -> Result<Component, PluginError> {
         check_component_header(plugin, bytes)?;
         let started = Instant::now();
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
-                plugin: plugin.to_owned(),
-                reason: format!("{e:#}"),
-            })?;
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+            plugin: plugin.to_owned(),
+            reason: format!("{e:#}"),
+        })?;
         self.metrics.module_loaded("compiled");
-        tracing::info!(plugin, sha256, size = bytes.len(), ms = started.elapsed().as_millis() as u64, "module compiled");
+        tracing::info!(
+            plugin,
+            sha256,
+            size = bytes.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "module compiled"
+        );
         if let Some(path) = self.cache_path(sha256) {
             match component.serialize() {
                 Ok(ser) => {
@@ -308,8 +313,14 @@ impl PluginRuntime {
         ModuleInfo {
             sha256: sha256.to_owned(),
             size,
-            imports: ty.imports(&self.engine).map(|(n, _)| n.to_owned()).collect(),
-            exports: ty.exports(&self.engine).map(|(n, _)| n.to_owned()).collect(),
+            imports: ty
+                .imports(&self.engine)
+                .map(|(n, _)| n.to_owned())
+                .collect(),
+            exports: ty
+                .exports(&self.engine)
+                .map(|(n, _)| n.to_owned())
+                .collect(),
         }
     }
 
@@ -326,8 +337,14 @@ impl PluginRuntime {
             reason,
         };
         let ty = component.component_type();
-        let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_owned()).collect();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_owned()).collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
         for name in &imports {
             if name.starts_with("edgeward:policy/") && name != HOST_INTERFACE {
                 return Err(interface(format!(
@@ -346,8 +363,7 @@ impl PluginRuntime {
             let granted = |c| capabilities.contains(&c);
             let result = if name.starts_with("wasi:random/random@") && granted(Capability::Random) {
                 define_random(&mut linker, name)
-            } else if name.starts_with("wasi:cli/environment@")
-                && granted(Capability::Environment)
+            } else if name.starts_with("wasi:cli/environment@") && granted(Capability::Environment)
             {
                 define_environment(&mut linker, name)
             } else {
@@ -392,7 +408,9 @@ fn check_component_header(plugin: &str, bytes: &[u8]) -> Result<(), PluginError>
         reason: reason.to_owned(),
     };
     if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
-        return Err(not("the bytes do not start with the WebAssembly magic \\0asm"));
+        return Err(not(
+            "the bytes do not start with the WebAssembly magic \\0asm",
+        ));
     }
     // Bytes 4..8: version (u16) and layer (u16); layer 1 = component, 0 = core module.
     match u16::from_le_bytes([bytes[6], bytes[7]]) {

@@ -144,7 +144,8 @@ impl PluginHost {
         self.status.update(|s| s.plugins = entries);
         if self.components.len() > self.current.len() + KEEP_COMPONENTS {
             let keep: Vec<&str> = self.current.iter().map(|p| p.sha256()).collect();
-            self.components.retain(|sha, _| keep.contains(&sha.as_str()));
+            self.components
+                .retain(|sha, _| keep.contains(&sha.as_str()));
         }
         self.runtime.metrics().swap("applied");
         outcome.took = started.elapsed();
@@ -200,7 +201,10 @@ impl PluginHost {
         let pre = self
             .runtime
             .prepare(&manifest.name, &component, &manifest.capabilities)?;
-        let timeout = manifest.limits.batch_timeout.min(self.config.max_batch_timeout);
+        let timeout = manifest
+            .limits
+            .batch_timeout
+            .min(self.config.max_batch_timeout);
         let memory = manifest.limits.memory_mib.min(self.config.max_memory_mib);
         PluginInstance::start(
             &self.runtime,

@@ -300,7 +300,9 @@ impl PluginInstance {
             .enumerate()
             .find(|(_, c)| **c > abi::DROP)
         {
-            return Err(bad(format!("verdict code {code} for event {i} (0 keep, 1 drop)")));
+            return Err(bad(format!(
+                "verdict code {code} for event {i} (0 keep, 1 drop)"
+            )));
         }
         if let Some(e) = verdicts.edits.iter().find(|e| e.event as usize >= n) {
             return Err(bad(format!(

@@ -197,13 +197,21 @@ impl PluginMetrics {
             plugin: plugin.to_owned(),
             verdict,
         };
+        // One statement per series: a `get_or_create` guard held across a second call on
+        // the same family (a new label set takes its write lock) would deadlock.
+        let calls = self.calls.get_or_create(&p()).clone();
+        let events = self.events.get_or_create(&p()).clone();
+        let keep = self.verdicts.get_or_create(&v("keep")).clone();
+        let drop = self.verdicts.get_or_create(&v("drop")).clone();
+        let edit = self.verdicts.get_or_create(&v("edit")).clone();
+        let batch_seconds = self.batch_seconds.get_or_create(&p()).clone();
         PluginHandles {
-            calls: self.calls.get_or_create(&p()).clone(),
-            events: self.events.get_or_create(&p()).clone(),
-            keep: self.verdicts.get_or_create(&v("keep")).clone(),
-            drop: self.verdicts.get_or_create(&v("drop")).clone(),
-            edit: self.verdicts.get_or_create(&v("edit")).clone(),
-            batch_seconds: self.batch_seconds.get_or_create(&p()).clone(),
+            calls,
+            events,
+            keep,
+            drop,
+            edit,
+            batch_seconds,
         }
     }
 }

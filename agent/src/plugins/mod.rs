@@ -14,7 +14,7 @@
 //! it in the flat layout of the `edgeward-plugin-abi` crate.
 
 mod chain;
-mod engine;
+pub(crate) mod engine;
 mod fetch;
 pub mod host;
 mod instance;

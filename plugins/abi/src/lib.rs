@@ -656,7 +656,10 @@ mod tests {
         assert_eq!(e.direction(), Direction::Passive);
         assert_eq!(e.local(), a.local);
         assert_eq!(e.peer(), a.peer);
-        assert_eq!((e.pid(), e.tgid(), e.cgroup_id(), e.netns()), (11, 12, 13, 14));
+        assert_eq!(
+            (e.pid(), e.tgid(), e.cgroup_id(), e.netns()),
+            (11, 12, 13, 14)
+        );
         assert_eq!((e.start_unix_nanos(), e.end_unix_nanos()), (15, 16));
         assert_eq!((e.bytes_sent(), e.bytes_received()), (17, 18));
         assert_eq!((e.srtt_us(), e.rttvar_us(), e.retransmits()), (19, 20, 21));
@@ -674,15 +677,24 @@ mod tests {
 
     #[test]
     fn bad_buffers_are_rejected() {
-        assert!(matches!(BatchView::parse(b"EWB1"), Err(LayoutError::TooShort(4))));
+        assert!(matches!(
+            BatchView::parse(b"EWB1"),
+            Err(LayoutError::TooShort(4))
+        ));
         let mut enc = Encoder::new();
         enc.push(&Record::default());
         let mut bytes = enc.finish().to_vec();
         bytes[4] = 2;
-        assert!(matches!(BatchView::parse(&bytes), Err(LayoutError::Version(2))));
+        assert!(matches!(
+            BatchView::parse(&bytes),
+            Err(LayoutError::Version(2))
+        ));
         bytes[4] = 1;
         bytes[8] = 9;
-        assert!(matches!(BatchView::parse(&bytes), Err(LayoutError::Truncated { count: 9, .. })));
+        assert!(matches!(
+            BatchView::parse(&bytes),
+            Err(LayoutError::Truncated { count: 9, .. })
+        ));
         let empty = Encoder::new().finish().to_vec();
         assert!(BatchView::parse(&empty).unwrap().is_empty());
     }

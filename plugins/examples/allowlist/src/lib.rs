@@ -106,7 +106,8 @@ impl Policy for Allowlist {
                 let ip = event.peer_ip();
                 self.cidrs.iter().any(|c| c.contains(ip))
             };
-            let matches = ip_ok && (self.ports.is_empty() || self.ports.contains(&event.peer_port()));
+            let matches =
+                ip_ok && (self.ports.is_empty() || self.ports.contains(&event.peer_port()));
             if matches == (self.mode == Mode::Deny) {
                 out.drop(i);
             }
@@ -142,18 +143,25 @@ mod tests {
 
     #[test]
     fn allow_keeps_only_matching_peers() {
-        let mut p = Allowlist::init(r#"{"mode":"allow","cidrs":["2001:db8::/32","127.0.0.1"]}"#)
-            .unwrap();
+        let mut p =
+            Allowlist::init(r#"{"mode":"allow","cidrs":["2001:db8::/32","127.0.0.1"]}"#).unwrap();
         let v = testing::run(
             &mut p,
-            &[to("[2001:db8::9]:80"), to("[2001:db9::9]:80"), to("127.0.0.1:1"), to("127.0.0.2:1")],
+            &[
+                to("[2001:db8::9]:80"),
+                to("[2001:db9::9]:80"),
+                to("127.0.0.1:1"),
+                to("127.0.0.2:1"),
+            ],
         );
         assert_eq!(v.kept(), vec![0, 2]);
     }
 
     #[test]
     fn bad_config_is_rejected_with_the_value() {
-        let e = Allowlist::init(r#"{"cidrs":["10.0.0.0/33"]}"#).err().unwrap();
+        let e = Allowlist::init(r#"{"cidrs":["10.0.0.0/33"]}"#)
+            .err()
+            .unwrap();
         assert!(e.contains("10.0.0.0/33"), "{e}");
         let e = Allowlist::init(r#"{"mode":"maybe"}"#).err().unwrap();
         assert!(e.contains("maybe"), "{e}");

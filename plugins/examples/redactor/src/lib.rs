@@ -116,26 +116,39 @@ mod tests {
         let edits: Vec<_> = v.edits().collect();
         assert_eq!(
             edits,
-            vec![(0, "network.peer.address", None), (1, "network.peer.address", None)]
+            vec![
+                (0, "network.peer.address", None),
+                (1, "network.peer.address", None)
+            ]
         );
         assert_eq!(v.kept(), vec![0, 1]);
     }
 
     #[test]
     fn hash_is_stable_and_keyed() {
-        let mut p = Redactor::init(r#"{"mode":"hash","key":"k1","fields":["peer","local"]}"#)
-            .unwrap();
+        let mut p =
+            Redactor::init(r#"{"mode":"hash","key":"k1","fields":["peer","local"]}"#).unwrap();
         let v = testing::run(&mut p, &[event("1.2.3.4:5"), event("1.2.3.4:6")]);
         let edits: Vec<_> = v.edits().collect();
         assert_eq!(edits.len(), 4);
         assert_eq!(edits[0].2, edits[2].2, "same peer, same pseudonym");
-        let Some(Value::Text(h)) = edits[0].2 else { panic!("not text") };
+        let Some(Value::Text(h)) = edits[0].2 else {
+            panic!("not text")
+        };
         assert!(h.starts_with("anon-") && !h.contains("1.2.3.4"), "{h}");
-        assert_ne!(pseudonym("k1", "1.2.3.4".parse().unwrap()), pseudonym("k2", "1.2.3.4".parse().unwrap()));
+        assert_ne!(
+            pseudonym("k1", "1.2.3.4".parse().unwrap()),
+            pseudonym("k2", "1.2.3.4".parse().unwrap())
+        );
     }
 
     #[test]
     fn hash_without_key_is_rejected() {
-        assert!(Redactor::init(r#"{"mode":"hash"}"#).err().unwrap().contains("key"));
+        assert!(
+            Redactor::init(r#"{"mode":"hash"}"#)
+                .err()
+                .unwrap()
+                .contains("key")
+        );
     }
 }

@@ -104,6 +104,11 @@ mod tests {
 
     #[test]
     fn zero_is_rejected() {
-        assert!(Sampler::init(r#"{"keep_one_in":0}"#).err().unwrap().contains("keep_one_in = 0"));
+        assert!(
+            Sampler::init(r#"{"keep_one_in":0}"#)
+                .err()
+                .unwrap()
+                .contains("keep_one_in = 0")
+        );
     }
 }

@@ -72,8 +72,9 @@ mod tests {
 
     #[test]
     fn tags_selected_ports() {
-        let mut p = Tagger::init(r#"{"attributes":{"env":"prod","tier":2,"edge":true},"ports":[443]}"#)
-            .unwrap();
+        let mut p =
+            Tagger::init(r#"{"attributes":{"env":"prod","tier":2,"edge":true},"ports":[443]}"#)
+                .unwrap();
         let a = Record {
             peer: "1.1.1.1:443".parse().unwrap(),
             ..Record::default()
@@ -83,7 +84,10 @@ mod tests {
             ..Record::default()
         };
         let v = testing::run(&mut p, &[a, b]);
-        let edits: Vec<_> = v.edits().map(|(i, k, v)| (i, k.to_owned(), v.cloned())).collect();
+        let edits: Vec<_> = v
+            .edits()
+            .map(|(i, k, v)| (i, k.to_owned(), v.cloned()))
+            .collect();
         assert_eq!(
             edits,
             vec![

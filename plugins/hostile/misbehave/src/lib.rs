@@ -36,15 +36,15 @@ thread_local! {
 struct Misbehave;
 
 fn count(batch: &[u8]) -> usize {
-    edgeward_plugin_sdk::Batch::parse(batch).map(|b| b.len()).unwrap_or(0)
+    edgeward_plugin_sdk::Batch::parse(batch)
+        .map(|b| b.len())
+        .unwrap_or(0)
 }
 
 #[inline(never)]
 #[allow(unconditional_recursion)]
-fn recurse(depth: u64, pad: &mut [u64; 16]) -> u64 {
-    pad[(depth % 16) as usize] = depth;
-    let mut next = *pad;
-    std::hint::black_box(recurse(depth + 1, &mut next)) + pad[3]
+fn recurse(depth: u64) -> u64 {
+    std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + depth
 }
 
 impl Guest for Misbehave {
@@ -82,12 +82,15 @@ impl Guest for Misbehave {
             Mode::Grow => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(vec![1; 1 << 20]);
+                    // Reserve without touching: the memory limit, not the deadline, stops it.
+                    let mut block = Vec::<u8>::with_capacity(1 << 20);
+                    block.push(1);
+                    hoard.push(block);
                     std::hint::black_box(&hoard);
                 }
             }
             Mode::Recurse => {
-                let v = recurse(0, &mut [0; 16]);
+                let v = recurse(0);
                 keep(v as usize)
             }
             Mode::Trap => panic!("misbehave traps on purpose"),
