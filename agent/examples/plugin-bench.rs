@@ -232,7 +232,7 @@ fn batch(first: u64) -> Vec<ConnectionEvent> {
                 srtt_us: 100,
                 rttvar_us: 10,
                 retransmits: 0,
-                close_reason: if id % 10 == 0 {
+                close_reason: if id.is_multiple_of(10) {
                     CloseReason::Refused
                 } else {
                     CloseReason::Normal

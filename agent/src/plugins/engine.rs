@@ -124,7 +124,7 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, delta: u64) {
-        if !self.counters.iter().any(|c| *c == name) {
+        if !self.counters.contains(&name) {
             let ok_name = !name.is_empty()
                 && name.len() <= 64
                 && name
@@ -229,10 +229,10 @@ impl PluginRuntime {
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = format!("{:016x}", hasher.finish());
 
-        if let Some(dir) = &cache_dir {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "module cache dir unusable; compiling without cache");
-            }
+        if let Some(dir) = &cache_dir
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "module cache dir unusable; compiling without cache");
         }
         Ok(Arc::new(Self {
             engine,
@@ -431,10 +431,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -576,10 +576,10 @@ impl<'a> EventView<'a> {
         let mut octets = [0u8; 16];
         octets.copy_from_slice(&self.rec[at..at + 16]);
         let v6 = Ipv6Addr::from(octets);
-        if self.rec[field::FLAGS] & v4_flag != 0 {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
+        if self.rec[field::FLAGS] & v4_flag != 0
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return IpAddr::V4(v4);
         }
         IpAddr::V6(v6)
     }

@@ -44,7 +44,7 @@ impl Policy for Sampler {
         let mut dropped = 0;
         for (i, event) in batch.iter().enumerate() {
             let failed = event.close_reason().is_error();
-            if !failed && mix(event.conn_id()) % self.keep_one_in != 0 {
+            if !failed && !mix(event.conn_id()).is_multiple_of(self.keep_one_in) {
                 out.drop(i);
                 dropped += 1;
             }
