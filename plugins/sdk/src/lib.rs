@@ -246,26 +246,33 @@ pub mod runtime {
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
-        struct __EdgewardExport;
+        // Only the wasm build exports anything: a native build (unit tests) links the crate as a
+        // shared library too, and the component's export names are not native symbol names.
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct __EdgewardExport;
 
-        ::std::thread_local! {
-            static __EDGEWARD_SLOT: ::std::cell::RefCell<$crate::runtime::Slot<$policy>> =
-                const { ::std::cell::RefCell::new($crate::runtime::Slot::new()) };
-        }
-
-        impl $crate::bindings::exports::edgeward::policy::policy::Guest for __EdgewardExport {
-            fn init(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
-                __EDGEWARD_SLOT.with(|slot| $crate::runtime::init::<$policy>(slot, &config))
+            ::std::thread_local! {
+                static __EDGEWARD_SLOT: ::std::cell::RefCell<$crate::runtime::Slot<$policy>> =
+                    const { ::std::cell::RefCell::new($crate::runtime::Slot::new()) };
             }
 
-            fn on_batch(
-                batch: ::std::vec::Vec<u8>,
-            ) -> $crate::bindings::exports::edgeward::policy::policy::Verdicts {
-                __EDGEWARD_SLOT.with(|slot| $crate::runtime::on_batch::<$policy>(slot, &batch))
-            }
-        }
+            impl $crate::bindings::exports::edgeward::policy::policy::Guest for __EdgewardExport {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __EDGEWARD_SLOT.with(|slot| $crate::runtime::init::<$policy>(slot, &config))
+                }
 
-        $crate::bindings::export!(__EdgewardExport with_types_in $crate::bindings);
+                fn on_batch(
+                    batch: ::std::vec::Vec<u8>,
+                ) -> $crate::bindings::exports::edgeward::policy::policy::Verdicts {
+                    __EDGEWARD_SLOT.with(|slot| $crate::runtime::on_batch::<$policy>(slot, &batch))
+                }
+    }
+
+            $crate::bindings::export!(__EdgewardExport with_types_in $crate::bindings);
+        };
     };
 }
 
