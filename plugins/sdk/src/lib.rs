@@ -269,9 +269,9 @@ macro_rules! export_policy {
                 ) -> $crate::bindings::exports::edgeward::policy::policy::Verdicts {
                     __EDGEWARD_SLOT.with(|slot| $crate::runtime::on_batch::<$policy>(slot, &batch))
                 }
-    }
+            }
 
-            $crate::bindings::export!(__EdgewardExport with_types_in $crate::bindings);
+    $crate::bindings::export!(__EdgewardExport with_types_in $crate::bindings);
         };
     };
 }
