@@ -2,7 +2,7 @@
 //!
 //! A policy is a type implementing [`Policy`], exported with [`export_policy!`]:
 //!
-//! ```ignore
+//! ```
 //! use edgeward_plugin_sdk::{export_policy, Batch, Policy, Verdicts};
 //!
 //! struct DenySsh;
@@ -21,6 +21,13 @@
 //! }
 //!
 //! export_policy!(DenySsh);
+//!
+//! // Natively, the same policy runs in unit tests:
+//! use edgeward_plugin_sdk::{Record, testing};
+//! let mut policy = DenySsh::init("null").unwrap();
+//! let ssh = Record { peer: "10.0.0.9:22".parse().unwrap(), ..Record::default() };
+//! let web = Record { peer: "10.0.0.9:443".parse().unwrap(), ..Record::default() };
+//! assert_eq!(testing::run(&mut policy, &[ssh, web]).kept(), vec![1]);
 //! ```
 //!
 //! Build with `cargo build --release --target wasm32-wasip2` (crate type `cdylib`); the
