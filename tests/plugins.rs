@@ -458,3 +458,35 @@ fn restart_with_a_warm_compile_cache_does_not_recompile() {
     let outcome = again.apply(&state).unwrap();
     assert_eq!((outcome.compiled, outcome.from_cache), (1, 0));
 }
+
+#[test]
+fn capabilities_need_the_operators_permission() {
+    let dir = tempfile::tempdir().unwrap();
+    let tagger = wasm("tagger");
+    let mut m = manifest(
+        "wants-random",
+        &tagger,
+        json!({"attributes": {"a": 1}}),
+        1,
+        FailurePolicy::FailOpen,
+    );
+    m.capabilities = vec![edgeward::plugins::Capability::Random];
+    let (mut host, _, status) = host_in(dir.path());
+    let e = host
+        .apply(&desired(vec![(m.clone(), tagger.clone())]))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("wants-random") && e.to_string().contains("Random"),
+        "{e}"
+    );
+    assert_eq!(status_of(&status, "wants-random").0, PluginState::Failed);
+
+    let runtime =
+        PluginRuntime::new(Some(dir.path().to_owned()), PluginMetrics::unregistered()).unwrap();
+    let config = PluginsConfig {
+        allowed_capabilities: vec![edgeward::plugins::Capability::Random],
+        ..PluginsConfig::default()
+    };
+    let (mut host, _rx) = PluginHost::new(runtime, config, StatusHandle::new("n"));
+    host.apply(&desired(vec![(m, tagger)])).expect("allowed");
+}

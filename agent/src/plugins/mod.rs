@@ -261,3 +261,65 @@ impl PluginError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugins_section_rejects_bad_values_by_key() {
+        let mut c = PluginsConfig::default();
+        assert!(c.validate().is_ok());
+        c.max_memory_mib = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("plugins.max_memory_mib"), "{e}");
+        let c = PluginsConfig {
+            max_batch_timeout: Duration::ZERO,
+            ..PluginsConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("plugins.max_batch_timeout"), "{e}");
+    }
+
+    #[test]
+    fn plugins_section_parses_from_toml() {
+        let dir = tempfile_dir();
+        let path = dir.join("agent.toml");
+        std::fs::write(
+            &path,
+            "[plugins]\nmax_batch_timeout = \"20ms\"\nallowed_capabilities = [\"random\"]\n",
+        )
+        .unwrap();
+        let config = crate::config::load_from(
+            Some(&path),
+            &serde_json::Value::Null,
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap();
+        assert_eq!(config.plugins.max_batch_timeout, Duration::from_millis(20));
+        assert_eq!(
+            config.plugins.allowed_capabilities,
+            vec![Capability::Random]
+        );
+        std::fs::write(&path, "[plugins]\nmax_memroy_mib = 1\n").unwrap();
+        let e = crate::config::load_from(
+            Some(&path),
+            &serde_json::Value::Null,
+            Vec::<(String, String)>::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_memroy_mib"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "edgeward-plugins-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
