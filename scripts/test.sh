@@ -29,6 +29,12 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "cargo clippy for the plugins' wasm target (examples, hostile test plugins)"
+cargo clippy --locked --target wasm32-wasip2 \
+  -p edgeward-example-allowlist -p edgeward-example-redactor -p edgeward-example-sampler \
+  -p edgeward-example-tagger -p edgeward-hostile-misbehave -p edgeward-hostile-old-interface \
+  -- -D warnings
+
 step "cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p edgeward -p edgeward-common
 

@@ -5,7 +5,9 @@
 //! the result through OpenTelemetry. The `edgeward` binary is a thin wrapper around
 //! [`cli::main`]; every component is a module here with a config struct, a `build` step that
 //! validates and allocates, and a task that runs until shutdown.
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: the one exception is loading a compiled module from the plugin host's
+// own compile cache (`plugins::engine::deserialize`), which wasmtime marks unsafe.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;

@@ -7,6 +7,7 @@
 
 pub mod deploy;
 pub mod otlp;
+pub mod plugins;
 pub mod probe;
 pub mod tls;
 

@@ -1,6 +1,7 @@
 //! The `edgeward` command line. `main` calls [`main`]; everything it does is here.
 
 mod cache;
+mod plugin;
 mod status;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -37,7 +38,7 @@ enum Command {
     Run(RunArgs),
     /// Check, run, publish and list WASM policy plugins.
     #[command(subcommand)]
-    Plugin(PluginCommand),
+    Plugin(plugin::PluginCommand),
     /// Show this node's status from its admin endpoint.
     Status(status::StatusArgs),
     /// Look at the offline cache.
@@ -97,29 +98,9 @@ struct RunArgs {
 }
 
 #[derive(Debug, Subcommand)]
-enum PluginCommand {
-    /// Validate a plugin module and run its init with a config.
-    Check(NotYet),
-    /// Run a plugin on recorded events and print its verdicts.
-    Run(NotYet),
-    /// Upload a plugin module and its manifest to etcd.
-    Publish(NotYet),
-    /// List the plugins in etcd and the nodes that run them.
-    List(NotYet),
-}
-
-#[derive(Debug, Subcommand)]
 enum CacheCommand {
     /// Print what the offline cache holds and whether it passes its checksum.
     Inspect(cache::InspectArgs),
-}
-
-/// Arguments of a command that this build does not have yet; taken as given, so that the
-/// user gets the "not available" message rather than a parse error.
-#[derive(Debug, Args)]
-struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
 }
 
 /// Parses the command line, runs the command and returns the process exit code.
@@ -128,19 +109,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => status::main(args),
-        Command::Plugin(cmd) => not_yet(match cmd {
-            PluginCommand::Check(_) => "plugin check",
-            PluginCommand::Run(_) => "plugin run",
-            PluginCommand::Publish(_) => "plugin publish",
-            PluginCommand::List(_) => "plugin list",
-        }),
+        Command::Plugin(cmd) => plugin::main(cmd),
         Command::Cache(CacheCommand::Inspect(args)) => cache::inspect(args),
     }
-}
-
-fn not_yet(command: &str) -> ExitCode {
-    eprintln!("edgeward: error: `edgeward {command}` is not available in this version yet");
-    ExitCode::from(EXIT_FAILURE)
 }
 
 /// Prints `edgeward: error: …` on one line.

@@ -28,6 +28,7 @@ use crate::{
     admin::AdminConfig,
     export::ExportConfig,
     logging::LogConfig,
+    plugins::PluginsConfig,
     probe::ProbeConfig,
     sync::{CacheConfig, EtcdConfig, StandaloneConfig},
 };
@@ -49,6 +50,7 @@ const SECTIONS: &[&str] = &[
     "admin",
     "otlp",
     "probe",
+    "plugins",
 ];
 
 /// Everything `edgeward run` needs to know, after defaults, file, environment and flags.
@@ -75,6 +77,8 @@ pub struct AgentConfig {
     pub otlp: ExportConfig,
     /// The eBPF TCP probe.
     pub probe: ProbeConfig,
+    /// WASM policy plugins: caps on their limits, allowed capabilities, compile cache.
+    pub plugins: PluginsConfig,
 }
 
 impl Default for AgentConfig {
@@ -89,6 +93,7 @@ impl Default for AgentConfig {
             admin: AdminConfig::default(),
             otlp: ExportConfig::default(),
             probe: ProbeConfig::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -278,6 +283,7 @@ impl AgentConfig {
         self.etcd.validate()?;
         self.otlp.validate()?;
         self.probe.validate()?;
+        self.plugins.validate()?;
         Ok(())
     }
 

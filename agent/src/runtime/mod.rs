@@ -17,6 +17,7 @@ use crate::{
     config::{AgentConfig, ConfigError},
     export::{ExportTelemetry, Exporter, spans::NodeIdentity},
     pipeline,
+    plugins::{PluginError, PluginHost},
     status::{ConfigSource, StatusHandle},
     sync::{self, Applier, DesiredState, SyncMetrics},
 };
@@ -32,6 +33,9 @@ pub enum RunError {
     /// The admin server could not start or failed.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The plugin host could not start (engine, compile cache directory).
+    #[error("plugin host: {0}")]
+    Plugins(#[from] PluginError),
     /// Tasks were still running when the shutdown deadline passed.
     #[error("shutdown: {pending} task(s) still running after shutdown_timeout ({timeout:?})")]
     DrainTimeout {
@@ -132,7 +136,7 @@ pub async fn run_until(
     }
 
     // Pipeline and export: probe events -> batches -> plugin chain -> OTLP. Export settings
-    // follow the synced `export` section; the chain is KeepAll until the plugin host sends one.
+    // follow the synced `export` section.
     let export_telemetry = ExportTelemetry::default();
     export_telemetry.register(&mut registry);
     let (exporter, export_handle) = Exporter::build(
@@ -144,7 +148,16 @@ pub async fn run_until(
     );
     let (_idle_input, idle_rx) = pipeline::channel(1, export_telemetry);
     let pipeline_rx = probe_events.unwrap_or(idle_rx);
-    let policy = pipeline::keep_all();
+
+    // The plugin host follows the desired state's plugins and hands the pipeline each new
+    // chain; batches in flight finish on the chain they started with.
+    let (plugin_host, policy) = PluginHost::build(
+        &config.plugins,
+        &config.cache.dir,
+        status.clone(),
+        &mut registry,
+    )?;
+    tasks.spawn(plugin_host.run(state_rx.clone(), shutdown.clone()));
 
     let admin = config
         .admin
