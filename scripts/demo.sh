@@ -53,6 +53,11 @@ for _ in $(seq 100); do curl -fs "$ETCD/health" >/dev/null 2>&1 && break; sleep 
 say "seed etcd with the example layout (deploy/etcd)"
 ETCDCTL="$ETCD_DIR/etcdctl" deploy/etcd/seed.sh --endpoints "$ETCD" --no-plugins
 
+say "build the example tagger plugin (Rust -> wasm32-wasip2 component) and publish it"
+cargo build --locked --quiet --release --target wasm32-wasip2 -p edgeward-example-tagger
+"$BIN" plugin publish target/wasm32-wasip2/release/edgeward_example_tagger.wasm --name tagger \
+  --config '{"attributes": {"demo.run": "edgeward-demo"}}' --etcd-endpoints "$ETCD"
+
 OTLP=http://127.0.0.1:$OTLP_GRPC_PORT
 say "start a local OTLP receiver (edgeward-otlp-sink) on $OTLP"
 target/debug/edgeward-otlp-sink --grpc "127.0.0.1:$OTLP_GRPC_PORT" --http "127.0.0.1:$OTLP_HTTP_PORT" \
@@ -68,6 +73,10 @@ agent=$!
 pids+=($agent)
 for _ in $(seq 100); do curl -fs "http://$ADMIN/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fs "http://$ADMIN/readyz"
+for _ in $(seq 200); do
+  curl -fs "http://$ADMIN/status" | grep -q '"state":"active"' && break
+  sleep 0.1
+done
 
 say "make TCP traffic: 50 short HTTP connections on loopback"
 for _ in $(seq 50); do curl -fs -o /dev/null "http://$ADMIN/healthz"; done
@@ -77,10 +86,10 @@ say "edgeward status"
 "$BIN" status --admin-addr "$ADMIN"
 
 say "metrics (http://$ADMIN/metrics)"
-curl -fs "http://$ADMIN/metrics" | grep -v '^#'
+curl -fs "http://$ADMIN/metrics" | grep -E '^edgeward_(build_info|probe_events|probe_drops|plugin_calls|export_spans|sync_applied)' | head -20
 
-say "agent log"
-cat "$work/agent.log"
+say "agent log (first 20 lines)"
+head -n 20 "$work/agent.log"
 
 if [ $KEEP -eq 1 ]; then
   say "agent running with admin on http://$ADMIN (Ctrl-C to stop)"
@@ -95,6 +104,7 @@ fi
 say "what the OTLP receiver got (spans, then metric points)"
 kill -TERM "$sink" 2>/dev/null || true
 wait "$sink" 2>/dev/null || true
-grep '^span ' "$work/otlp.out" | tail -n 20 || echo "(no spans)"
+grep '^span ' "$work/otlp.out" | grep "network.peer.port=$ADMIN_PORT" | tail -n 5 || echo "(no spans)"
+echo "... $(grep -c '^span ' "$work/otlp.out" || true) spans in all, each tagged demo.run=edgeward-demo by the plugin"
 grep '^metric ' "$work/otlp.out" | awk '{ last[$2] = $0 } END { for (k in last) print last[k] }' | sort
 cat "$work/otlp.err"

@@ -463,7 +463,37 @@ fn collector_config_and_dashboard_name_only_metrics_the_agent_exports() {
     // OTLP/HTTP receiver. The probe runs (we are root) so connection metrics have data.
     let capture = OtlpCapture::start();
     let otlp = format!("http://{}", capture.addr);
-    let mut agent = Agent::spawn(&["--otlp-endpoint", &otlp, "--otlp-protocol", "http"]);
+    // A plugin in the chain, so that the per-plugin series exist.
+    let state = tempfile::tempdir().expect("temp dir");
+    let module = support::plugins::wasm("tagger");
+    let sha = support::plugins::sha256(&module);
+    std::fs::create_dir_all(state.path().join("plugins")).unwrap();
+    std::fs::create_dir_all(state.path().join(format!("blobs/sha256/{sha}"))).unwrap();
+    std::fs::write(
+        state.path().join(format!("blobs/sha256/{sha}/0000")),
+        &module,
+    )
+    .unwrap();
+    std::fs::write(
+        state.path().join("plugins/tagger.json"),
+        format!(
+            r#"{{"name": "tagger", "sha256": "{sha}", "module": {{"etcd": {{"size": {}, "chunks": 1}}}},
+                "config": {{"attributes": {{"deploy.test": true}}}}}}"#,
+            module.len()
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::spawn(&[
+        "--otlp-endpoint",
+        &otlp,
+        "--otlp-protocol",
+        "http",
+        "--config-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    agent.wait_status(Duration::from_secs(60), "the plugin to be active", |s| {
+        s["plugins"][0]["state"] == "active"
+    });
     agent.wait_ready(Duration::from_secs(20));
     // Some TCP connections for the probe to see.
     for _ in 0..20 {

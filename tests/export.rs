@@ -178,7 +178,9 @@ async fn spans_and_metrics_arrive_exactly_over_grpc_and_http() {
             .unwrap();
         assert!((p.value - 0.0025).abs() < 1e-12, "{p:?}");
         let plugin_dropped = sink
-            .wait_for_metric("edgeward.plugin.dropped_events", WAIT, |m| m.total() >= 1.0)
+            .wait_for_metric("edgeward.pipeline.chain_dropped_events", WAIT, |m| {
+                m.total() >= 1.0
+            })
             .await
             .unwrap();
         assert_eq!(plugin_dropped.total(), 1.0);

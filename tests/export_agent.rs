@@ -56,7 +56,7 @@ async fn agent_exports_self_telemetry_and_reports_export_state() {
         "edgeward.export.failures",
         "edgeward.export.queue_depth",
         "edgeward.probe.events",
-        "edgeward.plugin.time",
+        "edgeward.pipeline.chain_time",
         "edgeward.tcp.connections.opened",
     ] {
         assert!(sink.latest_metric(name).is_some(), "{name} not exported");
@@ -73,7 +73,7 @@ async fn agent_exports_self_telemetry_and_reports_export_state() {
             "edgeward_pipeline_channel_drops_total",
             "edgeward_export_dropped_spans_total",
             "edgeward_export_queue_bytes",
-            "edgeward_plugin_latency_seconds",
+            "edgeward_pipeline_chain_seconds",
         ] {
             assert!(
                 metrics.contains(name),

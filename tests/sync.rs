@@ -412,8 +412,12 @@ fn corrupt_cache_is_set_aside_with_a_clear_error_and_the_agent_waits_for_etcd() 
     ];
     let mut last_agent = None;
     for (what, bytes) in cases {
+        // Start from the corrupt file alone (the plugin compile cache may share the directory).
         for entry in std::fs::read_dir(root.path().join("cache")).unwrap() {
-            std::fs::remove_file(entry.unwrap().path()).unwrap();
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::remove_file(path).unwrap();
+            }
         }
         std::fs::write(&cache_file, &bytes).unwrap();
         let agent = Agent::spawn_in(

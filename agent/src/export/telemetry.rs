@@ -32,7 +32,7 @@ pub struct ExportTelemetry {
     /// Time in the plugin chain per batch, seconds.
     pub plugin_latency: Histogram,
     /// Time in the plugin chain in all, nanoseconds (exported over OTLP as
-    /// `edgeward.plugin.time`, seconds).
+    /// `edgeward.pipeline.chain_time`, seconds).
     pub plugin_nanos: Counter,
     /// Spans queued for export.
     pub spans: Counter,
@@ -84,7 +84,7 @@ impl ExportTelemetry {
             registry.register(name.replace('.', "_"), help, c.clone());
         }
         registry.register(
-            "edgeward_plugin_latency_seconds",
+            "edgeward_pipeline_chain_seconds",
             "Time in the plugin chain per batch",
             self.plugin_latency.clone(),
         );
@@ -118,12 +118,12 @@ impl ExportTelemetry {
                 &self.pipeline_batches,
             ),
             (
-                "edgeward.plugin.calls",
+                "edgeward.pipeline.chain_calls",
                 "Calls into the plugin chain",
                 &self.plugin_calls,
             ),
             (
-                "edgeward.plugin.dropped_events",
+                "edgeward.pipeline.chain_dropped_events",
                 "Events dropped by the plugin chain",
                 &self.plugin_dropped,
             ),
@@ -202,7 +202,7 @@ impl ExportTelemetry {
             .map(|(n, h, c)| sum(n, h, c.get()))
             .collect();
         out.push(Metric {
-            name: "edgeward.plugin.time".to_owned(),
+            name: "edgeward.pipeline.chain_time".to_owned(),
             description: "Time spent in the plugin chain".to_owned(),
             unit: "s".to_owned(),
             metadata: Vec::new(),

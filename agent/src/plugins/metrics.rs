@@ -45,6 +45,15 @@ struct SwapLabels {
     outcome: &'static str,
 }
 
+/// The errors a running plugin can have (see `PluginError::kind`).
+const RUN_ERROR_KINDS: [&str; 5] = [
+    "timeout",
+    "memory_limit",
+    "stack_overflow",
+    "trap",
+    "bad_verdicts",
+];
+
 type HistogramFamily = Family<PluginLabel, Histogram, fn() -> Histogram>;
 
 fn batch_histogram() -> Histogram {
@@ -205,6 +214,13 @@ impl PluginMetrics {
         let drop = self.verdicts.get_or_create(&v("drop")).clone();
         let edit = self.verdicts.get_or_create(&v("edit")).clone();
         let batch_seconds = self.batch_seconds.get_or_create(&p()).clone();
+        // Errors at zero from the start, so rate() and alerts work before the first one.
+        for kind in RUN_ERROR_KINDS {
+            std::mem::drop(self.errors.get_or_create(&ErrorLabels {
+                plugin: plugin.to_owned(),
+                kind,
+            }));
+        }
         PluginHandles {
             calls,
             events,
