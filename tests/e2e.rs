@@ -230,4 +230,11 @@ fn connections_flow_from_the_kernel_through_plugins_to_the_collector() {
             .is_none(),
         "{closed:?}"
     );
+
+    // Self-telemetry rides along: plugin calls and errors (none here), probe events.
+    let errors = sink.wait_for_metric("edgeward.plugin.errors", Duration::from_secs(30), |_| true);
+    assert_eq!(errors.total(), 0.0, "{errors:?}");
+    sink.wait_for_metric("edgeward.probe.events", Duration::from_secs(30), |m| {
+        m.total() > 0.0
+    });
 }

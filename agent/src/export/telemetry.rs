@@ -27,6 +27,9 @@ pub struct ExportTelemetry {
     pub pipeline_batches: Counter,
     /// Calls into the plugin chain (one per batch).
     pub plugin_calls: Counter,
+    /// Plugin errors, all plugins together: the plugin host's counter, shared (OTLP only;
+    /// `/metrics` has the host's per-plugin family).
+    pub plugin_errors: Counter,
     /// Events the plugin chain dropped.
     pub plugin_dropped: Counter,
     /// Time in the plugin chain per batch, seconds.
@@ -61,6 +64,7 @@ impl Default for ExportTelemetry {
             channel_drops: Counter::default(),
             pipeline_batches: Counter::default(),
             plugin_calls: Counter::default(),
+            plugin_errors: Counter::default(),
             plugin_dropped: Counter::default(),
             plugin_latency: Histogram::new([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0]),
             plugin_nanos: Counter::default(),
@@ -217,6 +221,11 @@ impl ExportTelemetry {
                 is_monotonic: true,
             })),
         });
+        out.push(sum(
+            "edgeward.plugin.errors",
+            "Plugin errors (traps, timeouts, limits, bad verdicts, load failures)",
+            self.plugin_errors.get(),
+        ));
         let (probe_events, probe_drops) = status.read(|s| (s.probe.events, s.probe.drops));
         out.push(sum(
             "edgeward.probe.events",

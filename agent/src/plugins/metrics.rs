@@ -73,6 +73,9 @@ pub struct PluginMetrics {
     compiles: Family<CompileLabels, Counter>,
     swaps: Family<SwapLabels, Counter>,
     log_suppressed: Family<PluginLabel, Counter>,
+    /// Every plugin error, all plugins and kinds together (exported over OTLP as
+    /// `edgeward.plugin.errors`; `/metrics` has the per-plugin family).
+    errors_total: Counter,
 }
 
 impl PluginMetrics {
@@ -88,7 +91,13 @@ impl PluginMetrics {
             compiles: Family::default(),
             swaps: Family::default(),
             log_suppressed: Family::default(),
+            errors_total: Counter::default(),
         })
+    }
+
+    /// The counter of all plugin errors together.
+    pub fn errors_total(&self) -> Counter {
+        self.errors_total.clone()
     }
 
     /// Creates the metrics and registers them.
@@ -160,6 +169,7 @@ impl PluginMetrics {
 
     /// Counts an error of `plugin`.
     pub fn error(&self, plugin: &str, kind: &'static str) {
+        self.errors_total.inc();
         self.errors
             .get_or_create(&ErrorLabels {
                 plugin: plugin.to_owned(),

@@ -137,7 +137,19 @@ pub async fn run_until(
 
     // Pipeline and export: probe events -> batches -> plugin chain -> OTLP. Export settings
     // follow the synced `export` section.
-    let export_telemetry = ExportTelemetry::default();
+    // The plugin host follows the desired state's plugins and hands the pipeline each new
+    // chain; batches in flight finish on the chain they started with.
+    let (plugin_host, policy) = PluginHost::build(
+        &config.plugins,
+        &config.cache.dir,
+        status.clone(),
+        &mut registry,
+    )?;
+    let export_telemetry = ExportTelemetry {
+        plugin_errors: plugin_host.runtime().metrics().errors_total(),
+        ..ExportTelemetry::default()
+    };
+    tasks.spawn(plugin_host.run(state_rx.clone(), shutdown.clone()));
     export_telemetry.register(&mut registry);
     let (exporter, export_handle) = Exporter::build(
         &config.otlp,
@@ -148,16 +160,6 @@ pub async fn run_until(
     );
     let (_idle_input, idle_rx) = pipeline::channel(1, export_telemetry);
     let pipeline_rx = probe_events.unwrap_or(idle_rx);
-
-    // The plugin host follows the desired state's plugins and hands the pipeline each new
-    // chain; batches in flight finish on the chain they started with.
-    let (plugin_host, policy) = PluginHost::build(
-        &config.plugins,
-        &config.cache.dir,
-        status.clone(),
-        &mut registry,
-    )?;
-    tasks.spawn(plugin_host.run(state_rx.clone(), shutdown.clone()));
 
     let admin = config
         .admin
