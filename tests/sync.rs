@@ -540,40 +540,30 @@ fn tls_with_client_certificates_works_and_a_wrong_ca_fails_clearly() {
     assert!(etcd.client_url.starts_with("https://"));
 
     let dir = tempfile::tempdir().unwrap();
-    let good = write_file(
-        dir.path(),
-        "good.toml",
-        &format!(
-            "[etcd.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            pki.ca, pki.client_cert, pki.client_key
-        ),
-    );
-    let agent = Agent::spawn(&[
-        "--config",
-        &good,
-        "--etcd-endpoints",
-        &etcd.client_url,
-        "--no-ebpf",
-    ]);
+    // An agent trusting `ca` and presenting the client certificate.
+    let agent_trusting = |name: &str, ca: &Path| {
+        let config = write_file(
+            dir.path(),
+            name,
+            &format!(
+                "[etcd.tls]\nca_file = {ca:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                pki.client_cert, pki.client_key
+            ),
+        );
+        Agent::spawn(&[
+            "--config",
+            &config,
+            "--etcd-endpoints",
+            &etcd.client_url,
+            "--no-ebpf",
+        ])
+    };
+    let agent = agent_trusting("good.toml", &pki.ca);
     agent.wait_ready(Duration::from_secs(20));
     wait_revision(&agent, revision);
 
     let other = TestPki::generate("some other CA");
-    let bad = write_file(
-        dir.path(),
-        "bad.toml",
-        &format!(
-            "[etcd.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            other.ca, pki.client_cert, pki.client_key
-        ),
-    );
-    let agent = Agent::spawn(&[
-        "--config",
-        &bad,
-        "--etcd-endpoints",
-        &etcd.client_url,
-        "--no-ebpf",
-    ]);
+    let agent = agent_trusting("bad.toml", &other.ca);
     let status = agent.wait_status(Duration::from_secs(20), "a TLS error", |s| {
         !s["config"]["last_error"].is_null()
     });
