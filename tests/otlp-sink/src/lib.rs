@@ -601,24 +601,34 @@ fn protobuf_response(msg: impl prost::Message) -> Response {
         .into_response()
 }
 
+/// What both OTLP/HTTP handlers do first: the configured delay, the configured failure, then
+/// the (possibly gzipped) body.
+async fn accept_http(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Vec<u8>, Response> {
+    shared.delay().await;
+    match shared.failure() {
+        Some(Failure::Retryable) => {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "sink told to fail").into_response());
+        }
+        Some(Failure::Permanent) => {
+            return Err((StatusCode::BAD_REQUEST, "sink told to reject").into_response());
+        }
+        None => {}
+    }
+    http_body(shared, headers, body).map_err(IntoResponse::into_response)
+}
+
 async fn http_traces(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    shared.delay().await;
-    match shared.failure() {
-        Some(Failure::Retryable) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, "sink told to fail").into_response();
-        }
-        Some(Failure::Permanent) => {
-            return (StatusCode::BAD_REQUEST, "sink told to reject").into_response();
-        }
-        None => {}
-    }
-    let bytes = match http_body(&shared, &headers, body) {
+    let bytes = match accept_http(&shared, &headers, body).await {
         Ok(b) => b,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     match ExportTraceServiceRequest::decode(&bytes[..]) {
         Ok(req) => {
@@ -636,19 +646,9 @@ async fn http_metrics(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    shared.delay().await;
-    match shared.failure() {
-        Some(Failure::Retryable) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, "sink told to fail").into_response();
-        }
-        Some(Failure::Permanent) => {
-            return (StatusCode::BAD_REQUEST, "sink told to reject").into_response();
-        }
-        None => {}
-    }
-    let bytes = match http_body(&shared, &headers, body) {
+    let bytes = match accept_http(&shared, &headers, body).await {
         Ok(b) => b,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     match ExportMetricsServiceRequest::decode(&bytes[..]) {
         Ok(req) => {
