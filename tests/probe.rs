@@ -129,7 +129,12 @@ fn known_traffic(host: &str, reported_ip: &str) {
         );
         assert_eq!((s.bytes_sent, s.bytes_received), (DOWN, UP), "{s:#?}");
         assert_eq!(s.close_reason, CloseReason::Normal, "{s:#?}");
-        assert!(s.duration_nanos() > 0 && s.duration_nanos() <= c.duration_nanos());
+        // The server end starts when the handshake completes, after the client's SYN. (Which
+        // end closes last depends on which side closes first, a race in this traffic.)
+        assert!(
+            s.duration_nanos() > 0 && s.start_unix_nanos >= c.start_unix_nanos,
+            "{s:#?} {c:#?}"
+        );
         // Each end's open event carries the same connection id as its close.
         for end in [c, s] {
             let opens: Vec<_> = events
@@ -347,6 +352,8 @@ fn ss_rtt(port: u16) -> (f64, f64) {
 fn rtt_of_a_live_connection_agrees_with_ss() {
     let probe = RunningProbe::start(ProbeConfig {
         update_interval: Duration::from_millis(200),
+        // The poke comes about half a second after the open; updates start after the open.
+        open_delay: Duration::ZERO,
         ..ProbeConfig::default()
     });
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
@@ -381,6 +388,47 @@ fn rtt_of_a_live_connection_agrees_with_ss() {
     );
     pinger.send_line("bye");
     pinger.finish();
+    drop(echo);
+}
+
+#[test]
+fn an_idle_connection_is_announced_before_it_closes_and_only_once() {
+    // The default `open_delay` (1 s): the kernel writes no open record for a connection that
+    // does nothing after its handshake; the agent's sweep of the connection map finds it.
+    let probe = RunningProbe::start(ProbeConfig::default());
+    assert_eq!(ProbeConfig::default().open_delay, Duration::from_secs(1));
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    let ppid = pinger.pid();
+    let events = probe.wait_events(port, WAIT, "the idle connection's open", |e| {
+        !of_kind(e, EventKind::Open, ppid).is_empty()
+    });
+    assert!(
+        of_kind(&events, EventKind::Close, ppid).is_empty(),
+        "{events:#?}"
+    );
+    let open = of_kind(&events, EventKind::Open, ppid)[0].clone();
+    assert_eq!(open.direction, Direction::Active, "{open:#?}");
+    assert_eq!(open.peer.port(), port, "{open:#?}");
+    assert_eq!(&*open.comm, "ew-pinger", "{open:#?}");
+    // Traffic after the delay and the close add no second open.
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    pinger.send_line("bye");
+    pinger.finish();
+    probe.wait_events(port, WAIT, "the idle connection's close", |e| {
+        !of_kind(e, EventKind::Close, ppid).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let events = probe.events_on_port(port);
+    let opens = of_kind(&events, EventKind::Open, ppid);
+    assert_eq!(opens.len(), 1, "{events:#?}");
+    assert_eq!(
+        opens[0].conn_id,
+        of_kind(&events, EventKind::Close, ppid)[0].conn_id
+    );
     drop(echo);
 }
 

@@ -1,8 +1,9 @@
 //! The probe side of `scripts/bench-probe.sh` (not a test: a measurement tool).
 //!
-//! `probe_bench floor` attaches only the counting program (the floor of any design on the
-//! tracepoint); `probe_bench full NETNS_INODE` runs the agent's probe (kernel programs, ring
-//! buffer reader, enrichment, bounded channels) and counts the events of connections in the
+//! `probe_bench floor` attaches only counting programs, on the same tracepoints as the probe
+//! (the floor of any design on them); `probe_bench full NETNS_INODE` runs the agent's probe
+//! (kernel programs, ring buffer reader, enrichment, bounded channels) and counts the events
+//! of connections in the
 //! given network namespace, where the load generator runs. Both run until stdin closes, then
 //! print one line of `key=value` results, including the kernel run time of the programs
 //! (`bpf_ns`, from the kernel's BPF run-time statistics, enabled while the harness runs).

@@ -14,6 +14,7 @@ pub mod btf;
 pub mod decode;
 pub mod enrich;
 pub mod event;
+mod opens;
 
 use std::{
     path::PathBuf,
@@ -26,10 +27,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{FExit, ProgramError, TracePoint},
 };
-use edgeward_common::{Offsets, RawEvent, counter};
+use edgeward_common::{ConnInfo, Offsets, RawEvent, counter};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -58,13 +59,20 @@ pub struct ProbeConfig {
     /// Size of the kernel → agent ring buffer in bytes: a power of two, at least 4096 (one
     /// page). Each event takes 144 bytes in it.
     pub ring_buffer_bytes: u32,
-    /// Connections tracked in flight by the kernel (LRU map entries, 96 bytes each). A
+    /// Connections tracked in flight by the kernel (LRU map entries, 104 bytes each). A
     /// connection evicted while open is counted as a loss when it closes.
     pub max_connections: u32,
     /// How often an open connection reports its counters (an `update` event, written on its
     /// next send or receive once this much time has passed). "0s" turns updates off.
     #[serde(with = "crate::config::serde_duration")]
     pub update_interval: Duration,
+    /// A connection's open event waits this long: one that closes sooner is reported with
+    /// its open and close together (one kernel record per end instead of two, the cheaper
+    /// path for short connections); a longer one is reported at its first send or receive
+    /// after the delay, or by a sweep of the kernel's connection map if it is idle. "0s"
+    /// reports every open as it happens.
+    #[serde(with = "crate::config::serde_duration")]
+    pub open_delay: Duration,
     /// Capacity of each of the two bounded channels (reader → enrichment → consumer).
     pub channel_capacity: usize,
     /// Entries in each enrichment cache (executables by process, workloads by cgroup).
@@ -80,6 +88,7 @@ impl Default for ProbeConfig {
             ring_buffer_bytes: 4 << 20,
             max_connections: 65_536,
             update_interval: Duration::from_secs(30),
+            open_delay: Duration::from_secs(1),
             channel_capacity: 16_384,
             enrichment_cache_size: 4_096,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
@@ -110,6 +119,13 @@ impl ProbeConfig {
                 "probe.update_interval",
                 humantime::format_duration(self.update_interval),
                 "must be \"0s\" (off) or at least 100ms",
+            ));
+        }
+        if self.open_delay > Duration::from_secs(3600) {
+            return Err(ConfigError::invalid(
+                "probe.open_delay",
+                humantime::format_duration(self.open_delay),
+                "must be at most 1h (\"0s\" reports every open at once)",
             ));
         }
         if !(1..=1 << 20).contains(&self.channel_capacity) {
@@ -213,6 +229,13 @@ const TRACEPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
 /// once an eighth of the buffer is filled): the most an event waits in the kernel.
 const READ_PERIOD: Duration = Duration::from_millis(50);
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// The fexit program that attributes passive opens to the accepting process.
 const ACCEPT_PROGRAM: &str = "conn_accept";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
@@ -255,6 +278,8 @@ pub struct Probe {
     /// Kept alive: dropping it detaches the programs.
     ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
+    /// The kernel's connections in flight, swept for idle ones (see `opens`).
+    conns: BpfHashMap<MapData, u64, ConnInfo>,
     counters: PerCpuArray<MapData, u64>,
     config: ProbeConfig,
     out_tx: Option<mpsc::Sender<ConnectionEvent>>,
@@ -341,6 +366,7 @@ impl ProbeConfig {
         offsets.update_interval_ns = u64::try_from(self.update_interval.as_nanos()).unwrap_or(0);
         // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
+        offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
@@ -381,6 +407,14 @@ impl ProbeConfig {
             name: "COUNTERS",
             source,
         })?;
+        let conns = BpfHashMap::try_from(
+            ebpf.take_map("CONNS")
+                .ok_or(ProbeError::MissingMap("CONNS"))?,
+        )
+        .map_err(|source| ProbeError::Map {
+            name: "CONNS",
+            source,
+        })?;
         let (out_tx, out_rx) = mpsc::channel(self.channel_capacity);
         let mut missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
         if let (Err(e), Some(last)) = (&accept_hook, missing_text.last_mut()) {
@@ -408,6 +442,7 @@ impl ProbeConfig {
         Ok(Probe {
             ebpf,
             ring: Some(ring),
+            conns,
             counters,
             config: self.clone(),
             out_tx: Some(out_tx),
@@ -460,25 +495,30 @@ fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// The benchmark's floor: only the program that counts TCP state changes, attached to the
-/// same tracepoint as the connection program. No ring buffer traffic, no userspace work.
+/// The benchmark's floor: minimal programs on the same tracepoints as the probe.
+/// `count_state_changes` counts TCP state changes on `sock:inet_sock_set_state`;
+/// `count_other` counts runs on every other tracepoint the probe attaches to. No maps besides
+/// the per-CPU counters, no ring buffer traffic, no userspace work: what any design on these
+/// tracepoints pays at least.
 pub struct FloorProbe {
     ebpf: Ebpf,
 }
 
 impl FloorProbe {
-    /// Loads the object and attaches `count_state_changes` to `sock:inet_sock_set_state`.
+    /// Loads the object and attaches the counting programs to the probe's tracepoints.
     pub fn attach() -> Result<Self, ProbeError> {
         if PROGRAMS.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
         let mut ebpf = EbpfLoader::new().load(PROGRAMS)?;
-        attach_tracepoint(
-            &mut ebpf,
-            "count_state_changes",
-            "sock",
-            "inet_sock_set_state",
-        )?;
+        for &(program, category, name, _) in TRACEPOINTS {
+            let floor = if program == "conn_state" {
+                "count_state_changes"
+            } else {
+                "count_other"
+            };
+            attach_tracepoint(&mut ebpf, floor, category, name)?;
+        }
         Ok(Self { ebpf })
     }
 
@@ -627,13 +667,18 @@ impl Probe {
         self.publish(&mut published);
         let mut last_publish = tokio::time::Instant::now();
         let mut warned_full = false;
+        let mut opens = opens::Opens::default();
+        let delay_ns = u64::try_from(self.config.open_delay.as_nanos()).unwrap_or(u64::MAX);
+        // Idle connections are looked for at the pace of the delay, at most once a second.
+        let sweep_every = self.config.open_delay.max(Duration::from_secs(1));
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             // Woken by the kernel (enough records waiting), or drain on the period.
             let woken = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 ready = tokio::time::timeout(READ_PERIOD, fd.readable_mut()) => match ready {
                     Ok(Ok(mut guard)) => {
-                        self.drain(guard.get_inner_mut(), &raw_tx, &mut warned_full);
+                        self.drain(guard.get_inner_mut(), &raw_tx, &mut opens, &mut warned_full);
                         guard.clear_ready();
                         true
                     }
@@ -645,14 +690,26 @@ impl Probe {
                 },
             };
             if !woken {
-                self.drain(fd.get_mut(), &raw_tx, &mut warned_full);
+                self.drain(fd.get_mut(), &raw_tx, &mut opens, &mut warned_full);
+            }
+            if delay_ns > 0 && last_sweep.elapsed() >= sweep_every {
+                last_sweep = tokio::time::Instant::now();
+                let seen = opens.sweep(
+                    self.conns.iter().filter_map(Result::ok),
+                    monotonic_ns(),
+                    delay_ns,
+                    &mut |raw| self.forward(raw, &raw_tx, &mut warned_full),
+                );
+                // Closes of connections the sweep no longer found are in the ring by now.
+                self.drain(fd.get_mut(), &raw_tx, &mut opens, &mut warned_full);
+                opens.forget_missing(&seen);
             }
             if last_publish.elapsed() >= Duration::from_secs(1) {
                 last_publish = tokio::time::Instant::now();
                 self.publish(&mut published);
             }
         }
-        self.drain(fd.get_mut(), &raw_tx, &mut warned_full);
+        self.drain(fd.get_mut(), &raw_tx, &mut opens, &mut warned_full);
         drop(raw_tx);
         let _ = enrichment.await;
         self.publish(&mut published);
@@ -664,24 +721,14 @@ impl Probe {
         &self,
         ring: &mut RingBuf<MapData>,
         raw_tx: &mpsc::Sender<RawEvent>,
+        opens: &mut opens::Opens,
         warned_full: &mut bool,
     ) {
         let mut read = 0u64;
         while let Some(item) = ring.next() {
             read += 1;
             match decode::read_raw(&item) {
-                Ok(raw) => {
-                    if raw_tx.try_send(raw).is_err() {
-                        self.drops.reader_full.fetch_add(1, Ordering::Relaxed);
-                        if !*warned_full {
-                            *warned_full = true;
-                            tracing::warn!(
-                                capacity = self.config.channel_capacity,
-                                "probe enrichment channel full; dropping events (counted)"
-                            );
-                        }
-                    }
-                }
+                Ok(raw) => opens.on_record(raw, &mut |raw| self.forward(raw, raw_tx, warned_full)),
                 Err(e) => {
                     self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "undecodable probe record");
@@ -689,6 +736,20 @@ impl Probe {
             }
         }
         self.drops.read.fetch_add(read, Ordering::Relaxed);
+    }
+
+    /// Hands one record to the enrichment thread, or counts it as dropped.
+    fn forward(&self, raw: RawEvent, raw_tx: &mpsc::Sender<RawEvent>, warned_full: &mut bool) {
+        if raw_tx.try_send(raw).is_err() {
+            self.drops.reader_full.fetch_add(1, Ordering::Relaxed);
+            if !*warned_full {
+                *warned_full = true;
+                tracing::warn!(
+                    capacity = self.config.channel_capacity,
+                    "probe enrichment channel full; dropping events (counted)"
+                );
+            }
+        }
     }
 
     fn publish(&self, last: &mut Published) {

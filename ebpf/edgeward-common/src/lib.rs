@@ -23,8 +23,11 @@ pub mod counter {
     pub const UNTRACKED: u32 = 3;
     /// Inserts into the `CONNS` map that failed.
     pub const MAP_INSERT_FAILED: u32 = 4;
+    /// Runs of the benchmark floor's counting program on the other tracepoints the probe
+    /// uses (retransmits, send and receive lengths).
+    pub const FLOOR_OTHER: u32 = 5;
     /// Number of slots in the `COUNTERS` map.
-    pub const LEN: u32 = 5;
+    pub const LEN: u32 = 6;
 }
 
 /// Kind of a [`RawEvent`].
@@ -56,6 +59,9 @@ pub mod flags {
     pub const SK_ERR: u16 = 1 << 2;
     /// pid, tgid, comm and cgroup id are those of the process that opened or accepted it.
     pub const PROCESS: u16 = 1 << 3;
+    /// Close records: an open record was written for this connection. Without it the agent
+    /// reports the open itself (a connection that closed within `open_delay_ns`).
+    pub const OPEN_REPORTED: u16 = 1 << 4;
 }
 
 /// Unknown offset in [`Offsets`].
@@ -89,6 +95,11 @@ pub struct Offsets {
     /// record). The reader also drains the buffer on a short timer, so records below the
     /// threshold are late by at most that period, never lost.
     pub wakeup_bytes: u64,
+    /// A connection's open record is written at its first send or receive once this long has
+    /// passed since it started (0: as soon as it is established and attributed). Short
+    /// connections then cost one record per end instead of two; the agent reports their open
+    /// from the close record, and finds idle ones in `CONNS`.
+    pub open_delay_ns: u64,
 }
 
 impl Offsets {
@@ -104,6 +115,7 @@ impl Offsets {
         net_inum: NO_OFFSET,
         update_interval_ns: 0,
         wakeup_bytes: 0,
+        open_delay_ns: 0,
     };
 }
 
@@ -146,6 +158,10 @@ pub struct ConnInfo {
     pub saddr: [u8; 16],
     /// Peer address, as `saddr`.
     pub daddr: [u8; 16],
+    /// Inode number of the socket's network namespace, read once when the entry is made.
+    pub netns: u32,
+    /// Padding.
+    pub _pad3: u32,
 }
 
 /// One record in the `EVENTS` ring buffer.

@@ -1,0 +1,278 @@
+//! Open events that the kernel leaves to the agent.
+//!
+//! With `probe.open_delay` set, the kernel writes a connection's open record only at its first
+//! send or receive once the delay has passed. Most connections on a busy node live far shorter
+//! than that: they then cost one ring buffer record per end (the close) instead of two. The
+//! agent keeps the event contract whole (every connection has exactly one open and one close
+//! event, in that order) by
+//! - reporting the open of a connection from its close record when the kernel wrote none
+//!   ([`flags::OPEN_REPORTED`] clear), and
+//! - sweeping the kernel's `CONNS` map for connections past the delay that have not sent or
+//!   received anything since (idle ones), and reporting their open from the map entry.
+//!
+//! A connection announced by the sweep is remembered until its close, so that neither a later
+//! open record from the kernel nor its close produces a second open.
+
+use std::collections::{HashMap, HashSet};
+
+use edgeward_common::{ConnInfo, RawEvent, flags, kind};
+
+/// `TCP_ESTABLISHED`, the state open records carry in `oldstate`.
+const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_SYN_SENT`: a close from here is a failed active open, which never opened.
+const TCP_SYN_SENT: u8 = 2;
+
+/// A connection while it lives: the socket's kernel address and its start time.
+type Key = (u64, u64);
+
+/// Which opens the agent has reported on the kernel's behalf.
+#[derive(Debug, Default)]
+pub struct Opens {
+    /// Connections announced by a sweep, with how many sweeps in a row did not see them.
+    announced: HashMap<Key, u8>,
+}
+
+impl Opens {
+    /// Connections announced by a sweep and not closed yet.
+    #[cfg(test)]
+    pub fn announced(&self) -> usize {
+        self.announced.len()
+    }
+
+    /// Passes one record read from the ring buffer on to `out`, preceded by the connection's
+    /// open when the kernel did not write one.
+    pub fn on_record(&mut self, raw: RawEvent, out: &mut impl FnMut(RawEvent)) {
+        let key = (raw.sk, raw.start_ns);
+        match raw.kind {
+            // Already announced by a sweep: the kernel wrote its open when the connection
+            // finally sent or received.
+            kind::OPEN if self.announced.contains_key(&key) => {}
+            kind::CLOSE => {
+                let announced = self.announced.remove(&key).is_some();
+                let never_opened = raw.oldstate == TCP_SYN_SENT;
+                if !announced && !never_opened && raw.flags & flags::OPEN_REPORTED == 0 {
+                    out(open_from_close(&raw));
+                }
+                out(raw);
+            }
+            _ => out(raw),
+        }
+    }
+
+    /// Reports the open of every entry of `CONNS` that is older than `delay_ns` at `now_ns`
+    /// (kernel monotonic clock) and has neither an open record nor an announcement yet.
+    /// Returns the keys seen, for [`Opens::forget_missing`].
+    pub fn sweep(
+        &mut self,
+        entries: impl IntoIterator<Item = (u64, ConnInfo)>,
+        now_ns: u64,
+        delay_ns: u64,
+        out: &mut impl FnMut(RawEvent),
+    ) -> HashSet<Key> {
+        let mut seen = HashSet::new();
+        for (sk, info) in entries {
+            if info.opened != 0 || now_ns.saturating_sub(info.start_ns) < delay_ns {
+                continue;
+            }
+            let key = (sk, info.start_ns);
+            seen.insert(key);
+            if self.announced.insert(key, 0).is_none() {
+                out(open_from_entry(sk, &info, now_ns));
+            }
+        }
+        seen
+    }
+
+    /// Forgets announced connections that the last two sweeps did not find (evicted from the
+    /// map without a close record). Call after draining the ring buffer that follows a sweep,
+    /// so that the close records of connections that ended meanwhile have been seen.
+    pub fn forget_missing(&mut self, seen: &HashSet<Key>) {
+        self.announced.retain(|key, misses| {
+            if seen.contains(key) {
+                *misses = 0;
+                return true;
+            }
+            *misses += 1;
+            *misses < 2
+        });
+    }
+}
+
+/// The open of a connection that closed before the kernel wrote one: the close record's
+/// identity, process and addresses, with nothing exchanged yet.
+fn open_from_close(close: &RawEvent) -> RawEvent {
+    RawEvent {
+        kind: kind::OPEN,
+        ts_ns: close.start_ns,
+        bytes_acked: 0,
+        bytes_received: 0,
+        srtt_us: 0,
+        rttvar_us: 0,
+        retransmits: 0,
+        sk_err: 0,
+        oldstate: TCP_ESTABLISHED,
+        flags: close.flags & (flags::PROCESS | flags::NETNS),
+        ..*close
+    }
+}
+
+/// The open of an idle connection, from its `CONNS` entry.
+fn open_from_entry(sk: u64, info: &ConnInfo, now_ns: u64) -> RawEvent {
+    let mut event_flags = 0;
+    if info.attributed != 0 {
+        event_flags |= flags::PROCESS;
+    }
+    if info.netns != 0 {
+        event_flags |= flags::NETNS;
+    }
+    RawEvent {
+        sk,
+        start_ns: info.start_ns,
+        ts_ns: now_ns,
+        cgroup_id: info.cgroup_id,
+        bytes_acked: 0,
+        bytes_received: 0,
+        pid: info.pid,
+        tgid: info.tgid,
+        netns: info.netns,
+        srtt_us: 0,
+        rttvar_us: 0,
+        retransmits: 0,
+        sk_err: 0,
+        lport: info.lport,
+        rport: info.rport,
+        family: info.family,
+        flags: event_flags,
+        kind: kind::OPEN,
+        direction: info.direction,
+        oldstate: TCP_ESTABLISHED,
+        _pad: 0,
+        saddr: info.saddr,
+        daddr: info.daddr,
+        comm: info.comm,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start_ns: u64, opened: u8) -> ConnInfo {
+        ConnInfo {
+            start_ns,
+            last_emit_ns: start_ns,
+            cgroup_id: 7,
+            pid: 10,
+            tgid: 10,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            retransmits: 0,
+            direction: 1,
+            opened,
+            attributed: 1,
+            _pad: 0,
+            family: 2,
+            lport: 40000,
+            rport: 80,
+            _pad2: [0; 2],
+            saddr: [1; 16],
+            daddr: [2; 16],
+            netns: 4026531840,
+            _pad3: 0,
+        }
+    }
+
+    fn record(sk: u64, info: &ConnInfo, kind_: u8, flags_: u16) -> RawEvent {
+        RawEvent {
+            kind: kind_,
+            flags: flags_,
+            bytes_acked: 64,
+            srtt_us: 30,
+            ..open_from_entry(sk, info, info.start_ns + 5)
+        }
+    }
+
+    fn collect(f: impl FnOnce(&mut dyn FnMut(RawEvent))) -> Vec<RawEvent> {
+        let mut out = Vec::new();
+        f(&mut |r| out.push(r));
+        out
+    }
+
+    #[test]
+    fn a_close_without_an_open_record_is_preceded_by_one() {
+        let mut opens = Opens::default();
+        let info = entry(100, 0);
+        let close = record(1, &info, kind::CLOSE, flags::PROCESS | flags::TCP_COUNTERS);
+        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].kind, kind::OPEN);
+        assert_eq!((out[0].sk, out[0].start_ns, out[0].pid), (1, 100, 10));
+        assert_eq!((out[0].bytes_acked, out[0].srtt_us), (0, 0));
+        assert_eq!(out[0].flags, flags::PROCESS);
+        assert_eq!(out[1].kind, kind::CLOSE);
+        assert_eq!(out[1].bytes_acked, 64);
+    }
+
+    #[test]
+    fn a_refused_or_timed_out_open_has_no_open_event() {
+        let mut opens = Opens::default();
+        let close = RawEvent {
+            oldstate: TCP_SYN_SENT,
+            ..record(1, &entry(100, 0), kind::CLOSE, flags::PROCESS)
+        };
+        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, kind::CLOSE);
+    }
+
+    #[test]
+    fn a_close_after_a_kernel_open_passes_alone() {
+        let mut opens = Opens::default();
+        let info = entry(100, 1);
+        let close = record(1, &info, kind::CLOSE, flags::OPEN_REPORTED);
+        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, kind::CLOSE);
+    }
+
+    #[test]
+    fn the_sweep_announces_idle_connections_once() {
+        let mut opens = Opens::default();
+        let (idle, young, reported) = (entry(100, 0), entry(900, 0), entry(50, 1));
+        let entries = [(1, idle), (2, young), (3, reported)];
+        let out = collect(|f| {
+            opens.sweep(entries, 1_000, 500, &mut |r| f(r));
+        });
+        assert_eq!(out.len(), 1, "only the idle one, past the delay: {out:?}");
+        assert_eq!((out[0].sk, out[0].kind, out[0].pid), (1, kind::OPEN, 10));
+        // A second sweep, a later kernel open record and the close add no second open.
+        let again = collect(|f| {
+            opens.sweep(entries, 2_000, 500, &mut |r| f(r));
+        });
+        assert_eq!(
+            again.len(),
+            1,
+            "the young one is now past the delay: {again:?}"
+        );
+        assert_eq!(again[0].sk, 2);
+        let late_open = record(1, &idle, kind::OPEN, flags::PROCESS);
+        assert!(collect(|f| opens.on_record(late_open, &mut |r| f(r))).is_empty());
+        let close = record(1, &idle, kind::CLOSE, flags::OPEN_REPORTED);
+        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
+        assert_eq!(out.len(), 1);
+        assert_eq!(opens.announced(), 1, "connection 2 is still open");
+    }
+
+    #[test]
+    fn announcements_of_vanished_entries_are_forgotten_after_two_sweeps() {
+        let mut opens = Opens::default();
+        let seen = opens.sweep([(1, entry(0, 0))], 1_000, 10, &mut |_| {});
+        opens.forget_missing(&seen);
+        assert_eq!(opens.announced(), 1);
+        let seen = opens.sweep([], 2_000, 10, &mut |_| {});
+        opens.forget_missing(&seen);
+        assert_eq!(opens.announced(), 1, "one miss is not enough");
+        let seen = opens.sweep([], 3_000, 10, &mut |_| {});
+        opens.forget_missing(&seen);
+        assert_eq!(opens.announced(), 0);
+    }
+}
