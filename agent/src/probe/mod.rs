@@ -695,7 +695,7 @@ impl Probe {
             if delay_ns > 0 && last_sweep.elapsed() >= sweep_every {
                 last_sweep = tokio::time::Instant::now();
                 let seen = opens.sweep(
-                    self.conns.iter().filter_map(Result::ok),
+                    self.idle_candidates(),
                     monotonic_ns(),
                     delay_ns,
                     &mut |raw| self.forward(raw, &raw_tx, &mut warned_full),
@@ -736,6 +736,23 @@ impl Probe {
             }
         }
         self.drops.read.fetch_add(read, Ordering::Relaxed);
+    }
+
+    /// The entries of `CONNS`, read once each. When the key the walk stands on is deleted
+    /// (the connection closed), the kernel restarts the walk from the first key; the walk stops
+    /// there rather than going round again under churn, and never reads more than
+    /// `max_connections` entries. An idle connection it misses is found by a later sweep.
+    fn idle_candidates(&self) -> Vec<(u64, ConnInfo)> {
+        let mut visited = std::collections::HashSet::new();
+        let mut entries = Vec::new();
+        for entry in self.conns.iter().take(self.config.max_connections as usize) {
+            let Ok((sk, info)) = entry else { break };
+            if !visited.insert(sk) {
+                break;
+            }
+            entries.push((sk, info));
+        }
+        entries
     }
 
     /// Hands one record to the enrichment thread, or counts it as dropped.
