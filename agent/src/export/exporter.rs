@@ -122,7 +122,7 @@ impl ExportHandle {
                     folded += metrics.record(ev, &span.attributes);
                     spans.push(span);
                 } else if ev.kind == EventKind::Open {
-                    folded += metrics.record(ev, &spans::attributes(ev));
+                    folded += metrics.record_event(ev);
                 }
             }
         }

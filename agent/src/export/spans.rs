@@ -114,42 +114,77 @@ fn network_type(addr: &SocketAddr) -> &'static str {
     }
 }
 
+/// The standard attribute keys, in the order spans carry them.
+const STANDARD_KEYS: [&str; 16] = [
+    "network.transport",
+    "network.type",
+    "network.local.address",
+    "network.local.port",
+    "network.peer.address",
+    "network.peer.port",
+    "process.pid",
+    "process.executable.name",
+    "container.id",
+    "k8s.pod.uid",
+    "edgeward.tcp.bytes_sent",
+    "edgeward.tcp.bytes_received",
+    "edgeward.tcp.srtt_us",
+    "edgeward.tcp.rttvar_us",
+    "edgeward.tcp.retransmits",
+    "edgeward.tcp.close_reason",
+];
+
+/// The value of the standard attribute `STANDARD_KEYS[i]` for `ev` (`None`: unknown).
+fn standard_value(ev: &ConnectionEvent, i: usize) -> Option<AnyValue> {
+    let saturating = |v: u64| int_value(i64::try_from(v).unwrap_or(i64::MAX));
+    Some(match i {
+        0 => str_value("tcp"),
+        1 => str_value(network_type(&ev.peer)),
+        2 => str_value(&ev.local.ip().to_string()),
+        3 => int_value(ev.local.port().into()),
+        4 => str_value(&ev.peer.ip().to_string()),
+        5 => int_value(ev.peer.port().into()),
+        6 => int_value(ev.tgid.into()),
+        7 => str_value(ev.executable.as_deref().unwrap_or(&ev.comm)),
+        8 => str_value(ev.container_id.as_deref()?),
+        9 => str_value(ev.pod_uid.as_deref()?),
+        10 => saturating(ev.bytes_sent),
+        11 => saturating(ev.bytes_received),
+        12 => int_value(ev.srtt_us.into()),
+        13 => int_value(ev.rttvar_us.into()),
+        14 => int_value(ev.retransmits.into()),
+        15 => str_value(ev.close_reason.as_str()),
+        _ => return None,
+    })
+}
+
 /// The connection's attributes: the standard set, then the plugin edits in order.
 pub fn attributes(ev: &ConnectionEvent) -> Vec<KeyValue> {
     let mut attrs = Vec::with_capacity(20);
-    attrs.push(kv_str("network.transport", "tcp"));
-    attrs.push(kv_str("network.type", network_type(&ev.peer)));
-    attrs.push(kv_str("network.local.address", &ev.local.ip().to_string()));
-    attrs.push(kv("network.local.port", int_value(ev.local.port().into())));
-    attrs.push(kv_str("network.peer.address", &ev.peer.ip().to_string()));
-    attrs.push(kv("network.peer.port", int_value(ev.peer.port().into())));
-    attrs.push(kv("process.pid", int_value(ev.tgid.into())));
-    let exe: &str = ev.executable.as_deref().unwrap_or(&ev.comm);
-    attrs.push(kv_str("process.executable.name", exe));
-    if let Some(c) = &ev.container_id {
-        attrs.push(kv_str("container.id", c));
+    for (i, key) in STANDARD_KEYS.iter().enumerate() {
+        if let Some(value) = standard_value(ev, i) {
+            attrs.push(kv(key, value));
+        }
     }
-    if let Some(p) = &ev.pod_uid {
-        attrs.push(kv_str("k8s.pod.uid", p));
-    }
-    let saturating = |v: u64| int_value(i64::try_from(v).unwrap_or(i64::MAX));
-    attrs.push(kv("edgeward.tcp.bytes_sent", saturating(ev.bytes_sent)));
-    attrs.push(kv(
-        "edgeward.tcp.bytes_received",
-        saturating(ev.bytes_received),
-    ));
-    attrs.push(kv("edgeward.tcp.srtt_us", int_value(ev.srtt_us.into())));
-    attrs.push(kv("edgeward.tcp.rttvar_us", int_value(ev.rttvar_us.into())));
-    attrs.push(kv(
-        "edgeward.tcp.retransmits",
-        int_value(ev.retransmits.into()),
-    ));
-    attrs.push(kv_str(
-        "edgeward.tcp.close_reason",
-        ev.close_reason.as_str(),
-    ));
     apply_edits(&mut attrs, &ev.edits);
     attrs
+}
+
+/// One attribute of the connection, as [`attributes`] gives it (plugin edits applied), without
+/// building the others: what a metric series key needs for events that make no span.
+pub fn attribute(ev: &ConnectionEvent, key: &str) -> Option<AnyValue> {
+    let mut value = STANDARD_KEYS
+        .iter()
+        .position(|k| *k == key)
+        .and_then(|i| standard_value(ev, i));
+    for edit in &ev.edits {
+        match edit {
+            AttrEdit::Set(k, v) if **k == *key => value = Some(attr_value(v)),
+            AttrEdit::Remove(k) if **k == *key => value = None,
+            _ => {}
+        }
+    }
+    value
 }
 
 /// Applies plugin edits in order: `Set` adds or replaces, `Remove` deletes.
@@ -293,6 +328,27 @@ pub(crate) mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::{tests_support::event, *};
+
+    #[test]
+    fn one_attribute_agrees_with_the_whole_list() {
+        let ev = event();
+        let all = attributes(&ev);
+        let mut keys: Vec<&str> = STANDARD_KEYS.to_vec();
+        keys.extend(["team", "k8s.pod.uid", "not.there"]);
+        for key in keys {
+            let listed = all
+                .iter()
+                .find(|a| a.key == key)
+                .and_then(|a| a.value.clone());
+            assert_eq!(attribute(&ev, key), listed, "{key}");
+        }
+        assert_eq!(
+            attribute(&ev, "network.peer.address"),
+            None,
+            "removed by an edit"
+        );
+        assert!(attribute(&ev, "team").is_some(), "added by an edit");
+    }
 
     #[test]
     fn span_carries_conventions_edits_and_error_status() {
