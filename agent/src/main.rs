@@ -2,5 +2,6 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
+    edgeward::runtime::allocator::tune();
     edgeward::cli::main()
 }

@@ -1,6 +1,7 @@
 //! `edgeward run`: builds every component from the configuration, runs them until SIGTERM or
 //! SIGINT, then drains them within `shutdown_timeout`.
 
+pub mod allocator;
 mod shutdown;
 
 use std::{sync::Arc, time::Duration};
@@ -86,6 +87,8 @@ pub async fn run_until(
         probe_events = probe.take_events();
         tasks.spawn(probe.run(shutdown.clone()));
     }
+    // Loading the probe parsed the kernel's BTF; hand those megabytes back to the kernel.
+    allocator::release_free_memory();
 
     // Desired state: one value, swapped whole, for every component that follows it.
     let (state_tx, state_rx) = watch::channel(Arc::new(DesiredState::empty(ConfigSource::Default)));
