@@ -680,11 +680,30 @@ fn dockerfile_is_multi_stage_with_a_minimal_runtime_and_the_setup_toolchain() {
         std::fs::read_to_string(repo().join("deploy/docker/Dockerfile")).expect("Dockerfile");
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert!(froms.len() >= 2, "not multi-stage: {froms:?}");
+    // The static binary needs no C library, so the runtime is distroless/static: no libc, no
+    // shell, no package manager.
     assert!(
-        froms.last().is_some_and(|f| f.contains("distroless")),
-        "the runtime stage is not minimal: {froms:?}"
+        froms
+            .last()
+            .is_some_and(|f| f.contains("gcr.io/distroless/static")),
+        "the runtime stage is not distroless/static: {froms:?}"
     );
-    assert!(text.contains("cargo build --release --locked -p edgeward"));
+    // The binary is the one the .deb ships: the same target, with musl-gcc for the C of ring
+    // and wasmtime.
+    assert!(
+        text.contains(&format!(
+            "cargo build --release --locked -p edgeward --target {RELEASE_TARGET}"
+        )),
+        "the image does not build for {RELEASE_TARGET}"
+    );
+    assert!(
+        text.contains(&format!("target/{RELEASE_TARGET}/release/edgeward")),
+        "the image does not install the {RELEASE_TARGET} binary"
+    );
+    assert!(
+        text.contains("musl-tools"),
+        "no musl-tools in the build stage"
+    );
     assert!(text.contains("COPY --from=build"));
     assert!(
         text.lines().any(|l| l.starts_with("USER ")),
@@ -704,6 +723,13 @@ fn dockerfile_is_multi_stage_with_a_minimal_runtime_and_the_setup_toolchain() {
         version(&text),
         version(&setup),
         "bpf-linker versions differ"
+    );
+    // scripts/setup.sh installs the target the tests build the .deb for.
+    assert!(
+        setup
+            .lines()
+            .any(|l| l.trim() == format!("RELEASE_TARGET={RELEASE_TARGET}")),
+        "scripts/setup.sh does not install {RELEASE_TARGET}"
     );
 }
 
