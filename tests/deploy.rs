@@ -1,7 +1,7 @@
 //! The operator-facing layer, checked with the real tools: kustomize renders every overlay and
 //! the Kubernetes schemas accept it; the DaemonSet asks for exactly the documented privileges;
 //! the rendered agent configuration is accepted by the real binary; the `.deb` builds,
-//! installs and runs; the release binary needs only the C library; the collector
+//! installs and runs; the released binary is static and needs no shared library; the collector
 //! configuration and the dashboard name only metrics a live agent exports; the example etcd
 //! layout seeds a real etcd that a real agent applies.
 
@@ -267,12 +267,14 @@ fn daemonset_is_least_privilege_with_exactly_the_documented_capabilities() {
     }
 }
 
-/// Starts the real binary with `config` and `env`, waits for `/readyz`, returns the status.
-fn run_with_config(config: &Path, env: &[(&str, &str)]) -> Value {
+/// Starts `binary` with `config` and `env`, waits for `/readyz`, returns the status. With
+/// `probe`, the agent loads its eBPF programs and the status is taken once the probe has left
+/// `starting`; without, it runs with `--no-ebpf` (only the configuration is under test).
+fn run_with_config(binary: &Path, config: &Path, env: &[(&str, &str)], probe: bool) -> Value {
     let dir = tempfile::tempdir().expect("temp dir");
     let admin = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_edgeward"))
+    let mut child: Child = Command::new(binary)
         .arg("run")
         .arg(format!("--config={}", config.display()))
         .arg(format!("--admin-addr={admin}"))
@@ -280,29 +282,35 @@ fn run_with_config(config: &Path, env: &[(&str, &str)]) -> Value {
             "--cache-dir={}",
             dir.path().join("cache").display()
         ))
-        .args(["--node-name=deploy-test", "--no-ebpf"])
+        .arg("--node-name=deploy-test")
+        .args((!probe).then_some("--no-ebpf"))
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("start edgeward");
+        .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
     let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Ok((200, _)) = http_get(&format!("http://{admin}/readyz")) {
             let (_, body) = http_get(&format!("http://{admin}/status")).expect("status");
-            break serde_json::from_str::<Value>(&body).expect("status JSON");
+            let status = serde_json::from_str::<Value>(&body).expect("status JSON");
+            if !probe || status["probe"]["state"] != "starting" {
+                break status;
+            }
         }
         if let Ok(Some(code)) = child.try_wait() {
             panic!(
-                "edgeward rejected {} (exit {code}):\n{}",
+                "{} rejected {} (exit {code}):\n{}",
+                binary.display(),
                 config.display(),
                 log()
             );
         }
         assert!(
             Instant::now() < deadline,
-            "edgeward with {} never ready:\n{}",
+            "{} with {} never ready:\n{}",
+            binary.display(),
             config.display(),
             log()
         );
@@ -343,7 +351,12 @@ fn the_agent_accepts_every_rendered_configuration() {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let status = run_with_config(&file, &env);
+        let status = run_with_config(
+            Path::new(env!("CARGO_BIN_EXE_edgeward")),
+            &file,
+            &env,
+            false,
+        );
         assert_eq!(status["ready"], true, "overlay {overlay}: {status}");
 
         // TLS files named in the config are the ones the Secret mount provides.
@@ -530,41 +543,72 @@ fn collector_config_and_dashboard_name_only_metrics_the_agent_exports() {
 }
 
 #[test]
-fn release_binary_links_only_the_c_library() {
-    let (_, binary) = deb();
-    let out = run(Command::new("ldd").arg(binary), "ldd");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ldd {}: {text}", binary.display());
-    let libs: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    assert!(!libs.is_empty(), "ldd printed nothing");
-    // The C runtime: glibc's pieces (libc, its dynamic loader, the vDSO, libm/libdl/
-    // libpthread/librt) and libgcc_s, GCC's runtime support library that Rust's std links for
-    // stack unwinding on every *-linux-gnu target and that glibc itself loads for thread
-    // cancellation (Debian's Essential package libgcc-s1; distroless/cc ships it). Only
-    // `-C target-feature=+crt-static` (static glibc) removes it. Anything else (OpenSSL, zlib,
-    // libstdc++, libelf, ...) fails here.
-    let glibc = |l: &str| {
-        let file = l.rsplit('/').next().unwrap_or(l);
-        [
-            "linux-vdso.so",
-            "libc.so",
-            "ld-linux",
-            "libm.so",
-            "libdl.so",
-            "libpthread.so",
-            "librt.so",
-            "libgcc_s.so",
-        ]
-        .iter()
-        .any(|p| file.starts_with(p))
-    };
-    let others: Vec<&&str> = libs.iter().filter(|l| !glibc(l)).collect();
+fn released_binary_is_static_and_the_package_depends_on_nothing() {
+    // The reader sees dependencies where there are some: the debug build these tests run is a
+    // dynamic glibc executable.
+    let dynamic = elf_linking(Path::new(env!("CARGO_BIN_EXE_edgeward")));
     assert!(
-        others.is_empty(),
-        "the release binary needs more than the C library: {others:?}\n{text}"
+        dynamic
+            .interpreter
+            .as_deref()
+            .is_some_and(|i| i.contains("ld-linux"))
+            && dynamic.needed.iter().any(|n| n.starts_with("libc.so")),
+        "the ELF reader misses the debug build's dynamic loader or libc: {dynamic:?}"
+    );
+
+    // What ships is the binary inside the package (cargo-deb strips it), so check that one as
+    // well as the build output.
+    let (deb, built) = deb();
+    let unpacked = tempfile::tempdir().expect("temp dir");
+    let out = run(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(unpacked.path()),
+        "dpkg-deb",
+    );
+    assert!(
+        out.status.success(),
+        "dpkg-deb -x {}: {out:?}",
+        deb.display()
+    );
+    let shipped = unpacked.path().join("usr/bin/edgeward");
+    for binary in [built.as_path(), shipped.as_path()] {
+        let linking = elf_linking(binary);
+        assert!(linking.loads > 0, "{}: no PT_LOAD", binary.display());
+        assert!(
+            linking.interpreter.is_none() && linking.needed.is_empty(),
+            "{} is not static: {linking:?}",
+            binary.display()
+        );
+        // glibc's ldd, a second reader, agrees.
+        let out = run(Command::new("ldd").arg(binary), "ldd");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("statically linked") || text.contains("not a dynamic executable"),
+            "ldd {}: {text}",
+            binary.display()
+        );
+    }
+
+    // So the package needs no library package either.
+    let out = run(
+        Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"),
+        "dpkg-deb",
+    );
+    assert!(
+        out.status.success(),
+        "dpkg-deb -f {}: {out:?}",
+        deb.display()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "",
+        "the .deb's Depends"
     );
 }
 
@@ -613,9 +657,16 @@ fn deb_builds_installs_and_runs_standalone() {
     );
 
     // The installed binary with the installed configuration runs standalone from the
-    // installed local directory (the admin port and cache moved so tests can run side by side).
-    let status = run_with_config(Path::new("/etc/edgeward/edgeward.toml"), &[]);
+    // installed local directory (the admin port and cache moved so tests can run side by side),
+    // and the static build loads and attaches its eBPF programs.
+    let status = run_with_config(
+        Path::new("/usr/bin/edgeward"),
+        Path::new("/etc/edgeward/edgeward.toml"),
+        &[],
+        true,
+    );
     assert_eq!(status["config"]["source"], "file", "{status}");
+    assert_eq!(status["probe"]["state"], "running", "{status}");
     drop(installed);
     assert!(
         !Path::new("/usr/bin/edgeward").exists(),
@@ -629,11 +680,30 @@ fn dockerfile_is_multi_stage_with_a_minimal_runtime_and_the_setup_toolchain() {
         std::fs::read_to_string(repo().join("deploy/docker/Dockerfile")).expect("Dockerfile");
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert!(froms.len() >= 2, "not multi-stage: {froms:?}");
+    // The static binary needs no C library, so the runtime is distroless/static: no libc, no
+    // shell, no package manager.
     assert!(
-        froms.last().is_some_and(|f| f.contains("distroless")),
-        "the runtime stage is not minimal: {froms:?}"
+        froms
+            .last()
+            .is_some_and(|f| f.contains("gcr.io/distroless/static")),
+        "the runtime stage is not distroless/static: {froms:?}"
     );
-    assert!(text.contains("cargo build --release --locked -p edgeward"));
+    // The binary is the one the .deb ships: the same target, with musl-gcc for the C of ring
+    // and wasmtime.
+    assert!(
+        text.contains(&format!(
+            "cargo build --release --locked -p edgeward --target {RELEASE_TARGET}"
+        )),
+        "the image does not build for {RELEASE_TARGET}"
+    );
+    assert!(
+        text.contains(&format!("target/{RELEASE_TARGET}/release/edgeward")),
+        "the image does not install the {RELEASE_TARGET} binary"
+    );
+    assert!(
+        text.contains("musl-tools"),
+        "no musl-tools in the build stage"
+    );
     assert!(text.contains("COPY --from=build"));
     assert!(
         text.lines().any(|l| l.starts_with("USER ")),
@@ -653,6 +723,13 @@ fn dockerfile_is_multi_stage_with_a_minimal_runtime_and_the_setup_toolchain() {
         version(&text),
         version(&setup),
         "bpf-linker versions differ"
+    );
+    // scripts/setup.sh installs the target the tests build the .deb for.
+    assert!(
+        setup
+            .lines()
+            .any(|l| l.trim() == format!("RELEASE_TARGET={RELEASE_TARGET}")),
+        "scripts/setup.sh does not install {RELEASE_TARGET}"
     );
 }
 

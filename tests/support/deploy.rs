@@ -112,8 +112,14 @@ pub fn yaml_documents(yaml: &str) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).expect("PyYAML's JSON")
 }
 
-/// Builds the `.deb` once per test run with `cargo deb -p edgeward` (a release build) and
-/// returns (the .deb, the release binary).
+/// The target the released binary is built for (the `.deb`, the container image): musl,
+/// linked statically, so it needs no shared library at all. scripts/setup.sh and
+/// deploy/docker/Dockerfile name the same triple.
+pub const RELEASE_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Builds the `.deb` once per test run with
+/// `cargo deb -p edgeward --target x86_64-unknown-linux-musl` (a release build, static) and
+/// returns (the .deb, the release binary it packs, before cargo-deb strips it).
 pub fn deb() -> &'static (PathBuf, PathBuf) {
     static DEB: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     DEB.get_or_init(|| {
@@ -135,14 +141,22 @@ pub fn deb() -> &'static (PathBuf, PathBuf) {
                 .current_dir(repo())
                 .env("PATH", path)
                 .env("CARGO_TARGET_DIR", &target)
-                .args(["deb", "-p", "edgeward", "--output"])
+                .args([
+                    "deb",
+                    "-p",
+                    "edgeward",
+                    "--target",
+                    RELEASE_TARGET,
+                    "--output",
+                ])
                 .arg(&out_dir)
                 .args(["--", "--locked"]),
             "cargo deb (cargo install cargo-deb --locked; scripts/setup.sh does it)",
         );
         assert!(
             out.status.success(),
-            "cargo deb -p edgeward failed (is cargo-deb installed? scripts/setup.sh):\n{}",
+            "cargo deb -p edgeward --target {RELEASE_TARGET} failed (are cargo-deb, musl-tools \
+             and the {RELEASE_TARGET} target installed? scripts/setup.sh):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -153,8 +167,114 @@ pub fn deb() -> &'static (PathBuf, PathBuf) {
             .map(PathBuf::from)
             .unwrap_or_else(|| panic!("cargo deb printed no .deb path:\n{stdout}"));
         assert!(deb.exists(), "{} does not exist", deb.display());
-        (deb, target.join("release").join("edgeward"))
+        (
+            deb,
+            target.join(RELEASE_TARGET).join("release").join("edgeward"),
+        )
     })
+}
+
+/// What an executable asks of the dynamic loader, read from its ELF program headers.
+#[derive(Debug)]
+pub struct ElfLinking {
+    /// `PT_INTERP`: the dynamic loader the kernel starts first (none for a static binary).
+    pub interpreter: Option<String>,
+    /// `DT_NEEDED` entries of `PT_DYNAMIC`: the shared libraries it needs. A static-pie binary
+    /// has a `PT_DYNAMIC` (for relocating itself) with none.
+    pub needed: Vec<String>,
+    /// `PT_LOAD` segments: zero means this was not a readable executable.
+    pub loads: usize,
+}
+
+/// Reads the linking of a 64-bit little-endian x86-64 ELF executable; panics on anything else.
+pub fn elf_linking(path: &Path) -> ElfLinking {
+    const PT_LOAD: u32 = 1;
+    const PT_DYNAMIC: u32 = 2;
+    const PT_INTERP: u32 = 3;
+    const DT_NEEDED: u64 = 1;
+    const DT_STRTAB: u64 = 5;
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let what = path.display();
+    let bytes = |off: u64, len: u64| -> &[u8] {
+        usize::try_from(off)
+            .ok()
+            .zip(usize::try_from(off.saturating_add(len)).ok())
+            .and_then(|(a, b)| data.get(a..b))
+            .unwrap_or_else(|| panic!("{what}: {len} bytes at {off} are past the end"))
+    };
+    let u16_at = |off: u64| u16::from_le_bytes(bytes(off, 2).try_into().expect("2 bytes"));
+    let u32_at = |off: u64| u32::from_le_bytes(bytes(off, 4).try_into().expect("4 bytes"));
+    let u64_at = |off: u64| u64::from_le_bytes(bytes(off, 8).try_into().expect("8 bytes"));
+    let c_string = |off: u64| {
+        let tail = usize::try_from(off)
+            .ok()
+            .and_then(|o| data.get(o..))
+            .unwrap_or_else(|| panic!("{what}: string at {off} is past the end"));
+        let end = tail
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or_else(|| panic!("{what}: string at {off} has no end"));
+        String::from_utf8_lossy(&tail[..end]).into_owned()
+    };
+    assert_eq!(bytes(0, 4), b"\x7fELF", "{what} is not an ELF file");
+    assert_eq!(
+        bytes(4, 2),
+        [2, 1],
+        "{what} is not a 64-bit little-endian ELF"
+    );
+    assert_eq!(u16_at(18), 62, "{what} is not an x86-64 ELF");
+
+    let (phoff, phentsize, phnum) = (u64_at(32), u64::from(u16_at(54)), u16_at(56));
+    // (type, offset, vaddr, filesz) of every program header.
+    let headers: Vec<(u32, u64, u64, u64)> = (0..u64::from(phnum))
+        .map(|i| {
+            let h = phoff + i * phentsize;
+            (u32_at(h), u64_at(h + 8), u64_at(h + 16), u64_at(h + 32))
+        })
+        .collect();
+    // A virtual address (DT_STRTAB's) to a file offset, through the PT_LOAD that maps it.
+    let file_offset = |vaddr: u64| {
+        headers
+            .iter()
+            .find(|&&(t, _, va, size)| t == PT_LOAD && (va..va + size).contains(&vaddr))
+            .map(|&(_, off, va, _)| off + (vaddr - va))
+            .unwrap_or_else(|| panic!("{what}: address {vaddr:#x} is in no PT_LOAD segment"))
+    };
+
+    let mut linking = ElfLinking {
+        interpreter: None,
+        needed: Vec::new(),
+        loads: headers.iter().filter(|h| h.0 == PT_LOAD).count(),
+    };
+    for &(kind, offset, _, size) in &headers {
+        match kind {
+            PT_INTERP => linking.interpreter = Some(c_string(offset)),
+            PT_DYNAMIC => {
+                let entries: Vec<(u64, u64)> = (0..size / 16)
+                    .map(|i| (u64_at(offset + i * 16), u64_at(offset + i * 16 + 8)))
+                    .take_while(|&(tag, _)| tag != 0)
+                    .collect();
+                let needed: Vec<u64> = entries
+                    .iter()
+                    .filter(|e| e.0 == DT_NEEDED)
+                    .map(|e| e.1)
+                    .collect();
+                if needed.is_empty() {
+                    continue;
+                }
+                let strtab = entries
+                    .iter()
+                    .find(|e| e.0 == DT_STRTAB)
+                    .map(|e| file_offset(e.1))
+                    .unwrap_or_else(|| panic!("{what}: DT_NEEDED without DT_STRTAB"));
+                linking
+                    .needed
+                    .extend(needed.into_iter().map(|name| c_string(strtab + name)));
+            }
+            _ => {}
+        }
+    }
+    linking
 }
 
 /// Installs a .deb with dpkg and removes (purges) the package when dropped, test failure or
