@@ -108,6 +108,11 @@ impl ExportHandle {
             return;
         }
         let active = self.shared.active();
+        // Without a collector nothing built here would ever leave the process: no spans, and
+        // connection metrics are only exported over OTLP (`/metrics` has the self-metrics).
+        if active.config.endpoint.is_none() {
+            return;
+        }
         let mut spans = Vec::new();
         let mut folded = 0;
         {
@@ -129,7 +134,7 @@ impl ExportHandle {
         if folded > 0 {
             self.shared.telemetry.metric_overflow.inc_by(folded);
         }
-        if spans.is_empty() || active.config.endpoint.is_none() {
+        if spans.is_empty() {
             return;
         }
         let n = spans.len() as u64;
