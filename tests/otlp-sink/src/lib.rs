@@ -507,12 +507,13 @@ fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
 
 struct Grpc(Arc<Shared>);
 
-#[tonic::async_trait]
-impl TraceService for Grpc {
-    async fn export(
+impl Grpc {
+    /// What both gRPC services do first: the configured delay, an injected failure, and the
+    /// request's headers (counting gzip-encoded requests).
+    async fn prelude<T>(
         &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        request: &tonic::Request<T>,
+    ) -> Result<BTreeMap<String, String>, tonic::Status> {
         self.0.delay().await;
         match self.0.failure() {
             Some(Failure::Retryable) => {
@@ -527,6 +528,17 @@ impl TraceService for Grpc {
         if headers.get("grpc-encoding").is_some_and(|e| e == "gzip") {
             self.0.lock().gzip_requests += 1;
         }
+        Ok(headers)
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let headers = self.prelude(&request).await?;
         self.0
             .take_traces(request.into_inner(), Transport::Grpc, headers);
         Ok(tonic::Response::new(ExportTraceServiceResponse {
@@ -541,20 +553,7 @@ impl MetricsService for Grpc {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.delay().await;
-        match self.0.failure() {
-            Some(Failure::Retryable) => {
-                return Err(tonic::Status::unavailable("sink told to fail"));
-            }
-            Some(Failure::Permanent) => {
-                return Err(tonic::Status::invalid_argument("sink told to reject"));
-            }
-            None => {}
-        }
-        let headers = header_map(&request.metadata().clone().into_headers());
-        if headers.get("grpc-encoding").is_some_and(|e| e == "gzip") {
-            self.0.lock().gzip_requests += 1;
-        }
+        let headers = self.prelude(&request).await?;
         self.0
             .take_metrics(request.into_inner(), Transport::Grpc, headers);
         Ok(tonic::Response::new(ExportMetricsServiceResponse {
