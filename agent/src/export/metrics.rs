@@ -185,16 +185,12 @@ impl ConnectionMetrics {
     /// Records one event whose final attributes are `attrs`. Returns how many updates folded
     /// into an overflow series.
     pub fn record(&mut self, ev: &ConnectionEvent, attrs: &[KeyValue]) -> u64 {
-        let key: SeriesKey = self
-            .keys
-            .iter()
-            .filter_map(|k| {
-                attrs
-                    .iter()
-                    .find(|a| &a.key == k)
-                    .map(|a| (k.clone(), key_part(&a.value)))
-            })
-            .collect();
+        let key = self.series_key(|k| {
+            attrs
+                .iter()
+                .find(|a| a.key == k)
+                .map(|a| key_part(&a.value))
+        });
         self.record_keyed(ev, key)
     }
 
@@ -202,12 +198,16 @@ impl ConnectionMetrics {
     /// attributes the series key needs are computed. Same result as [`Self::record`] with
     /// the event's full attributes.
     pub fn record_event(&mut self, ev: &ConnectionEvent) -> u64 {
-        let key: SeriesKey = self
-            .keys
-            .iter()
-            .filter_map(|k| spans::attribute(ev, k).map(|v| (k.clone(), key_part(&Some(v)))))
-            .collect();
+        let key = self.series_key(|k| spans::attribute(ev, k).map(|v| key_part(&Some(v))));
         self.record_keyed(ev, key)
+    }
+
+    /// The series key: the configured attribute keys that `value_of` knows, in order.
+    fn series_key(&self, value_of: impl Fn(&str) -> Option<KeyPart>) -> SeriesKey {
+        self.keys
+            .iter()
+            .filter_map(|k| value_of(k).map(|v| (k.clone(), v)))
+            .collect()
     }
 
     fn record_keyed(&mut self, ev: &ConnectionEvent, key: SeriesKey) -> u64 {

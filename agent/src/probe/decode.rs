@@ -9,8 +9,8 @@ use edgeward_common::{RawEvent, direction, flags, kind};
 
 use super::event::{CloseReason, ConnectionEvent, Direction, EventKind};
 
-const TCP_ESTABLISHED: u8 = 1;
-const TCP_SYN_SENT: u8 = 2;
+pub(crate) const TCP_ESTABLISHED: u8 = 1;
+pub(crate) const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE_WAIT: u8 = 8;
 
 const EPIPE: i32 = 32;
@@ -97,6 +97,13 @@ pub fn read_raw(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
     })
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` (0 if unreadable).
+pub(crate) fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// Converts the kernel's monotonic clock to Unix time.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -107,9 +114,7 @@ pub struct Clock {
 impl Clock {
     /// Measures the offset now.
     pub fn now() -> Self {
-        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
-            .unwrap_or(0);
+        let mono = i128::from(monotonic_ns());
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)

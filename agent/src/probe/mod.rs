@@ -229,13 +229,6 @@ const TRACEPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
 /// once an eighth of the buffer is filled): the most an event waits in the kernel.
 const READ_PERIOD: Duration = Duration::from_millis(50);
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 /// The fexit program that attributes passive opens to the accepting process.
 const ACCEPT_PROGRAM: &str = "conn_accept";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
@@ -696,7 +689,7 @@ impl Probe {
                 last_sweep = tokio::time::Instant::now();
                 let seen = opens.sweep(
                     self.idle_candidates(),
-                    monotonic_ns(),
+                    decode::monotonic_ns(),
                     delay_ns,
                     &mut |raw| self.forward(raw, &raw_tx, &mut warned_full),
                 );

@@ -17,10 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use edgeward_common::{ConnInfo, RawEvent, flags, kind};
 
-/// `TCP_ESTABLISHED`, the state open records carry in `oldstate`.
-const TCP_ESTABLISHED: u8 = 1;
-/// `TCP_SYN_SENT`: a close from here is a failed active open, which never opened.
-const TCP_SYN_SENT: u8 = 2;
+use super::decode::{TCP_ESTABLISHED, TCP_SYN_SENT};
 
 /// A connection while it lives: the socket's kernel address and its start time.
 type Key = (u64, u64);
@@ -49,6 +46,7 @@ impl Opens {
             kind::OPEN if self.announced.contains_key(&key) => {}
             kind::CLOSE => {
                 let announced = self.announced.remove(&key).is_some();
+                // A close straight from SYN_SENT is a failed active open: it never opened.
                 let never_opened = raw.oldstate == TCP_SYN_SENT;
                 if !announced && !never_opened && raw.flags & flags::OPEN_REPORTED == 0 {
                     out(open_from_close(&raw));
