@@ -148,12 +148,22 @@ fn config(endpoint: Option<String>) -> ExportConfig {
     }
 }
 
-/// One leg on the current (single-threaded) runtime: (events/s of thread CPU, wall events/s,
-/// spans delivered).
-async fn leg(events: &[ConnectionEvent], endpoint: Option<String>, sink: &Sink) -> (f64, f64, u64) {
+/// The pipeline and the exporter, wired as `edgeward run` wires them (with
+/// [`FlatBufferPolicy`] as the plugin chain) and spawned on the current runtime.
+struct Running {
+    input: pipeline::PipelineInput,
+    telemetry: ExportTelemetry,
+    shutdown: CancellationToken,
+    pipeline: tokio::task::JoinHandle<()>,
+    exporter: tokio::task::JoinHandle<()>,
+    /// Kept so the policy channel stays open.
+    _policy: tokio::sync::watch::Sender<Arc<dyn BatchPolicy>>,
+}
+
+fn start(cfg: &ExportConfig, flush_deadline: Duration) -> Running {
     let telemetry = ExportTelemetry::default();
     let (exporter, handle) = Exporter::build(
-        &config(endpoint.clone()),
+        cfg,
         NodeIdentity {
             host_name: "bench".to_owned(),
             k8s_node_name: None,
@@ -163,21 +173,41 @@ async fn leg(events: &[ConnectionEvent], endpoint: Option<String>, sink: &Sink) 
         None,
     );
     let (input, rx) = pipeline::channel(16_384, telemetry.clone());
-    let (_policy_tx, policy_rx) =
+    let (policy, policy_rx) =
         tokio::sync::watch::channel::<Arc<dyn BatchPolicy>>(Arc::new(FlatBufferPolicy));
     let shutdown = CancellationToken::new();
     let done = CancellationToken::new();
+    Running {
+        input,
+        telemetry,
+        pipeline: tokio::spawn(pipeline::run(
+            rx,
+            policy_rx,
+            handle,
+            shutdown.clone(),
+            done.clone(),
+        )),
+        exporter: tokio::spawn(exporter.run(done, flush_deadline)),
+        shutdown,
+        _policy: policy,
+    }
+}
+
+/// One leg on the current (single-threaded) runtime: (events/s of thread CPU, wall events/s,
+/// spans delivered).
+async fn leg(events: &[ConnectionEvent], endpoint: Option<String>, sink: &Sink) -> (f64, f64, u64) {
+    // Spawned tasks first run at the first await below, inside the timed region.
+    let Running {
+        input,
+        telemetry,
+        shutdown,
+        pipeline: p,
+        exporter: e,
+        _policy,
+    } = start(&config(endpoint.clone()), Duration::from_secs(30));
     let before_sink = sink.span_total();
     let cpu0 = thread_cpu();
     let wall0 = Instant::now();
-    let p = tokio::spawn(pipeline::run(
-        rx,
-        policy_rx,
-        handle,
-        shutdown.clone(),
-        done.clone(),
-    ));
-    let e = tokio::spawn(exporter.run(done, Duration::from_secs(30)));
     let queue_limit = (config(None).queue_max_bytes / 2) as i64;
     for chunk in events.chunks(1024) {
         // Pace the producer by the export queue so that nothing is dropped and every event
@@ -307,24 +337,13 @@ fn rss(sink_bin: &str, up_secs: u64, down_secs: u64, rate: u64) {
     );
     println!("rss before start: {:.1} MiB", rss_mib());
     rt.block_on(async {
-        let telemetry = ExportTelemetry::default();
-        let (exporter, handle) = Exporter::build(
-            &cfg,
-            NodeIdentity {
-                host_name: "bench".to_owned(),
-                k8s_node_name: None,
-            },
-            StatusHandle::new("bench"),
-            telemetry.clone(),
-            None,
-        );
-        let (input, rx) = pipeline::channel(16_384, telemetry.clone());
-        let (_policy_tx, policy_rx) =
-            tokio::sync::watch::channel::<Arc<dyn BatchPolicy>>(Arc::new(FlatBufferPolicy));
-        let shutdown = CancellationToken::new();
-        let done = CancellationToken::new();
-        tokio::spawn(pipeline::run(rx, policy_rx, handle, shutdown.clone(), done.clone()));
-        tokio::spawn(exporter.run(done, Duration::from_secs(1)));
+        let Running {
+            input,
+            telemetry,
+            shutdown,
+            _policy,
+            ..
+        } = start(&cfg, Duration::from_secs(1));
         let tick = Duration::from_millis(10);
         let per_tick = (rate / 100) as usize;
         let mut next = tokio::time::Instant::now();
