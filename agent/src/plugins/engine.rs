@@ -166,6 +166,7 @@ pub struct PluginRuntime {
     cache_dir: Option<PathBuf>,
     compat: String,
     metrics: Arc<PluginMetrics>,
+    ticker: Arc<EpochTicker>,
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -174,6 +175,77 @@ impl std::fmt::Debug for PluginRuntime {
             .field("cache_dir", &self.cache_dir)
             .field("compat", &self.compat)
             .finish_non_exhaustive()
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`], but only while a plugin call is in
+/// flight. A ticker that ran all the time would wake a thread a thousand times a second on
+/// every node, plugins or not: on a busy two-core box that was a third of the agent's CPU
+/// and a preemption of the workload each millisecond. Deadlines are relative to the epoch
+/// when a call starts, and the epoch stands still only while nothing runs, so a parked
+/// ticker never cuts a call short and never lets one run past its deadline by more than
+/// the tick it takes to wake.
+struct EpochTicker {
+    in_flight: std::sync::atomic::AtomicUsize,
+    thread: std::thread::Thread,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> std::io::Result<Arc<Self>> {
+        let weak = engine.weak();
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Self>>();
+        let handle = std::thread::Builder::new()
+            .name("edgeward-epoch".to_owned())
+            .spawn(move || {
+                let Ok(ticker) = rx.recv() else { return };
+                let ticker = Arc::downgrade(&ticker);
+                loop {
+                    // Both the ticker and the engine go when the runtime is dropped.
+                    let Some(t) = ticker.upgrade() else { return };
+                    let idle = t.in_flight.load(std::sync::atomic::Ordering::Acquire) == 0;
+                    drop(t);
+                    if idle {
+                        // `busy` unparks; the timeout only bounds how long a dropped runtime
+                        // keeps this thread.
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })?;
+        let ticker = Arc::new(Self {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            thread: handle.thread().clone(),
+        });
+        // The thread holds only a weak reference, so it never keeps the runtime alive.
+        let _ = tx.send(ticker.clone());
+        Ok(ticker)
+    }
+
+    fn busy(self: &Arc<Self>) -> TickGuard {
+        if self
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            == 0
+        {
+            self.thread.unpark();
+        }
+        TickGuard(self.clone())
+    }
+}
+
+/// While one exists, the epoch advances (see [`PluginRuntime::ticking`]).
+pub(crate) struct TickGuard(Arc<EpochTicker>);
+
+impl Drop for TickGuard {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -206,20 +278,10 @@ impl PluginRuntime {
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&config).map_err(engine_error)?;
 
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("edgeward-epoch".to_owned())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(|e| PluginError::Compile {
-                plugin: "(engine)".to_owned(),
-                reason: format!("starting the epoch thread: {e}"),
-            })?;
+        let ticker = EpochTicker::start(&engine).map_err(|e| PluginError::Compile {
+            plugin: "(engine)".to_owned(),
+            reason: format!("starting the epoch thread: {e}"),
+        })?;
 
         let mut linker = Linker::new(&engine);
         host::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
@@ -240,7 +302,14 @@ impl PluginRuntime {
             cache_dir,
             compat,
             metrics,
+            ticker,
         }))
+    }
+
+    /// Keeps the epoch advancing until the guard is dropped: take one around every call
+    /// into a plugin (instantiation included) that has an epoch deadline.
+    pub(crate) fn ticking(&self) -> TickGuard {
+        self.ticker.busy()
     }
 
     /// The metrics this runtime reports to.

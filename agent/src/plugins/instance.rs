@@ -137,6 +137,7 @@ impl PluginInstance {
 
     /// A fresh instance (new store, new memory) with `init` run on it.
     fn instantiate(&self) -> Result<(Store<HostState>, Plugin), PluginError> {
+        let _ticking = self.runtime.ticking();
         let mut store = self.runtime.store(&self.name, self.memory_mib);
         store.set_epoch_deadline(self.deadline_ticks());
         let plugin = self
@@ -268,6 +269,7 @@ impl PluginInstance {
             encoder.push(&record(event));
         }
         let bytes = encoder.finish();
+        let _ticking = self.runtime.ticking();
         store.set_epoch_deadline(self.deadline_ticks());
         self.handles.calls.inc();
         self.handles.events.inc_by(batch.len() as u64);
