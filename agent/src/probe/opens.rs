@@ -69,7 +69,12 @@ impl Opens {
     ) -> HashSet<Key> {
         let mut seen = HashSet::new();
         for (sk, info) in entries {
-            if info.opened != 0 || now_ns.saturating_sub(info.start_ns) < delay_ns {
+            // Still in SYN_SENT: a failed active open has no open event, and one that succeeds
+            // later is reported by the kernel or the next sweep.
+            if info.opened != 0
+                || info.established == 0
+                || now_ns.saturating_sub(info.start_ns) < delay_ns
+            {
                 continue;
             }
             let key = (sk, info.start_ns);
@@ -167,7 +172,7 @@ mod tests {
             direction: 1,
             opened,
             attributed: 1,
-            _pad: 0,
+            established: 1,
             family: 2,
             lport: 40000,
             rport: 80,
@@ -230,6 +235,22 @@ mod tests {
         let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].kind, kind::CLOSE);
+    }
+
+    #[test]
+    fn the_sweep_leaves_connections_still_in_syn_sent_alone() {
+        let mut opens = Opens::default();
+        let connecting = ConnInfo {
+            established: 0,
+            ..entry(100, 0)
+        };
+        let out = collect(|f| {
+            opens.sweep([(1, connecting)], 10_000, 500, &mut |r| f(r));
+        });
+        assert!(
+            out.is_empty(),
+            "a connect() still waiting has no open: {out:?}"
+        );
     }
 
     #[test]

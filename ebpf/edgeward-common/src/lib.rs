@@ -144,8 +144,8 @@ pub struct ConnInfo {
     pub opened: u8,
     /// 1 once pid/comm are those of the opener.
     pub attributed: u8,
-    /// Padding.
-    pub _pad: u8,
+    /// 1 once the handshake completed (a connection still in `SYN_SENT` has no open).
+    pub established: u8,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
     /// Local port (host order).

@@ -366,6 +366,7 @@ fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
                 // only touched by programs handling this socket, serialised by its lock.
                 let info = unsafe { &mut *ptr };
                 read_addresses(ctx, info);
+                info.established = 1;
                 info.last_emit_ns = now;
                 if report_now {
                     info.opened = 1;
@@ -374,6 +375,7 @@ fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
             } else {
                 // Not seen in SYN_SENT (map full or evicted): report it without a process.
                 let mut info = new_conn(ctx, sk, direction::ACTIVE, now);
+                info.established = 1;
                 if report_now {
                     info.opened = 1;
                     emit(sk, &info, kind::OPEN, oldstate, now);
@@ -385,7 +387,8 @@ fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         TCP_ESTABLISHED if oldstate == TCP_SYN_RECV => {
             // Handshake completed in softirq: the accepting process is not known yet.
-            let info = new_conn(ctx, sk, direction::PASSIVE, now);
+            let mut info = new_conn(ctx, sk, direction::PASSIVE, now);
+            info.established = 1;
             if CONNS.insert(&sk, &info, 0).is_err() {
                 count(counter::MAP_INSERT_FAILED);
             }
@@ -439,6 +442,10 @@ pub fn conn_io(ctx: TracePointContext) -> u32 {
     let now = now();
     if info.attributed == 0 {
         attribute(info);
+    }
+    if info.established == 0 {
+        // TCP Fast Open data with the SYN: nothing to report before the handshake.
+        return 0;
     }
     let off = offsets();
     if info.opened == 0 {
