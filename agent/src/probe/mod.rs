@@ -20,7 +20,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -631,13 +631,14 @@ impl Probe {
         let (Some(ring), Some(out_tx)) = (self.ring.take(), self.out_tx.take()) else {
             return;
         };
-        let (raw_tx, raw_rx) = mpsc::channel::<RawEvent>(self.config.channel_capacity);
+        let (raw_tx, raw_rx, queued) = batches(self.config.channel_capacity, self.drops.clone());
+        let mut raw_tx = raw_tx;
         // The enrichment thread owns the only output sender: when it ends, consumers see the
         // channel close.
         let enrichment = {
             let drops = self.drops.clone();
             let cache = self.config.enrichment_cache_size;
-            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, out_tx, drops, cache))
+            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, queued, out_tx, drops, cache))
         };
         // The deprecated constructor is the safe one: AsyncFd owns the RingBuf, which owns the
         // fd, so the fd stays open for as long as it is registered (the I/O-safety concern
@@ -659,7 +660,6 @@ impl Probe {
         let mut published = Published::default();
         self.publish(&mut published);
         let mut last_publish = tokio::time::Instant::now();
-        let mut warned_full = false;
         let mut opens = opens::Opens::default();
         let delay_ns = u64::try_from(self.config.open_delay.as_nanos()).unwrap_or(u64::MAX);
         // Idle connections are looked for at the pace of the delay, at most once a second.
@@ -671,7 +671,7 @@ impl Probe {
                 _ = shutdown.cancelled() => break,
                 ready = tokio::time::timeout(READ_PERIOD, fd.readable_mut()) => match ready {
                     Ok(Ok(mut guard)) => {
-                        self.drain(guard.get_inner_mut(), &raw_tx, &mut opens, &mut warned_full);
+                        self.drain(guard.get_inner_mut(), &mut raw_tx, &mut opens);
                         guard.clear_ready();
                         true
                     }
@@ -683,7 +683,7 @@ impl Probe {
                 },
             };
             if !woken {
-                self.drain(fd.get_mut(), &raw_tx, &mut opens, &mut warned_full);
+                self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
             }
             if delay_ns > 0 && last_sweep.elapsed() >= sweep_every {
                 last_sweep = tokio::time::Instant::now();
@@ -691,10 +691,11 @@ impl Probe {
                     self.idle_candidates(),
                     decode::monotonic_ns(),
                     delay_ns,
-                    &mut |raw| self.forward(raw, &raw_tx, &mut warned_full),
+                    &mut |raw| raw_tx.push(raw),
                 );
+                raw_tx.flush();
                 // Closes of connections the sweep no longer found are in the ring by now.
-                self.drain(fd.get_mut(), &raw_tx, &mut opens, &mut warned_full);
+                self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
                 opens.forget_missing(&seen);
             }
             if last_publish.elapsed() >= Duration::from_secs(1) {
@@ -702,7 +703,7 @@ impl Probe {
                 self.publish(&mut published);
             }
         }
-        self.drain(fd.get_mut(), &raw_tx, &mut opens, &mut warned_full);
+        self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
         drop(raw_tx);
         let _ = enrichment.await;
         self.publish(&mut published);
@@ -713,21 +714,21 @@ impl Probe {
     fn drain(
         &self,
         ring: &mut RingBuf<MapData>,
-        raw_tx: &mpsc::Sender<RawEvent>,
+        raw_tx: &mut BatchSender,
         opens: &mut opens::Opens,
-        warned_full: &mut bool,
     ) {
         let mut read = 0u64;
         while let Some(item) = ring.next() {
             read += 1;
             match decode::read_raw(&item) {
-                Ok(raw) => opens.on_record(raw, &mut |raw| self.forward(raw, raw_tx, warned_full)),
+                Ok(raw) => opens.on_record(raw, &mut |raw| raw_tx.push(raw)),
                 Err(e) => {
                     self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "undecodable probe record");
                 }
             }
         }
+        raw_tx.flush();
         self.drops.read.fetch_add(read, Ordering::Relaxed);
     }
 
@@ -746,20 +747,6 @@ impl Probe {
             entries.push((sk, info));
         }
         entries
-    }
-
-    /// Hands one record to the enrichment thread, or counts it as dropped.
-    fn forward(&self, raw: RawEvent, raw_tx: &mpsc::Sender<RawEvent>, warned_full: &mut bool) {
-        if raw_tx.try_send(raw).is_err() {
-            self.drops.reader_full.fetch_add(1, Ordering::Relaxed);
-            if !*warned_full {
-                *warned_full = true;
-                tracing::warn!(
-                    capacity = self.config.channel_capacity,
-                    "probe enrichment channel full; dropping events (counted)"
-                );
-            }
-        }
     }
 
     fn publish(&self, last: &mut Published) {
@@ -839,9 +826,85 @@ impl Published {
     }
 }
 
+/// Records a batch holds at most: one drain of the ring buffer is handed over in batches of
+/// this size, so the reader and the enrichment thread meet once per batch rather than once
+/// per record (each meeting is a channel operation and, often, a wakeup).
+const BATCH: usize = 1024;
+
+/// The reader's end of the channel to the enrichment thread: records collect into a batch,
+/// which goes over whole. The channel is bounded in records, not batches: a batch that does
+/// not fit is dropped and counted, so the reader never waits.
+struct BatchSender {
+    tx: mpsc::UnboundedSender<Vec<RawEvent>>,
+    /// Records sent and not yet taken by the enrichment thread.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+    batch: Vec<RawEvent>,
+    drops: Arc<UserDrops>,
+    warned_full: bool,
+}
+
+/// A channel of record batches holding at most `capacity` records.
+fn batches(
+    capacity: usize,
+    drops: Arc<UserDrops>,
+) -> (
+    BatchSender,
+    mpsc::UnboundedReceiver<Vec<RawEvent>>,
+    Arc<AtomicUsize>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let sender = BatchSender {
+        tx,
+        queued: queued.clone(),
+        capacity,
+        batch: Vec::new(),
+        drops,
+        warned_full: false,
+    };
+    (sender, rx, queued)
+}
+
+impl BatchSender {
+    /// Adds a record to the batch; sends the batch when it is full.
+    fn push(&mut self, raw: RawEvent) {
+        self.batch.push(raw);
+        if self.batch.len() >= BATCH.min(self.capacity) {
+            self.flush();
+        }
+    }
+
+    /// Sends the batch, or drops and counts it when the channel has no room for it.
+    fn flush(&mut self) {
+        let n = self.batch.len();
+        if n == 0 {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(n));
+        if self.queued.fetch_add(n, Ordering::AcqRel) + n > self.capacity {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.drops
+                .reader_full
+                .fetch_add(n as u64, Ordering::Relaxed);
+            if !self.warned_full {
+                self.warned_full = true;
+                tracing::warn!(
+                    capacity = self.capacity,
+                    "probe enrichment channel full; dropping events (counted)"
+                );
+            }
+        } else if self.tx.send(batch).is_err() {
+            // The enrichment thread is gone (shutting down): nobody would see them.
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Decodes and enriches records on a blocking thread (it reads /proc and cgroupfs).
 fn enrich_loop(
-    mut raw_rx: mpsc::Receiver<RawEvent>,
+    mut raw_rx: mpsc::UnboundedReceiver<Vec<RawEvent>>,
+    queued: Arc<AtomicUsize>,
     out_tx: mpsc::Sender<ConnectionEvent>,
     drops: Arc<UserDrops>,
     cache_size: usize,
@@ -849,28 +912,99 @@ fn enrich_loop(
     let clock = decode::Clock::now();
     let mut enricher = enrich::Enricher::new(cache_size);
     let mut warned = false;
-    while let Some(raw) = raw_rx.blocking_recv() {
-        let mut event = match decode::decode(&raw, clock) {
-            Ok(e) => e,
-            Err(e) => {
-                drops.undecodable.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "undecodable probe record");
-                continue;
-            }
-        };
-        enricher.enrich(&mut event);
-        match out_tx.try_send(event) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                drops.output_full.fetch_add(1, Ordering::Relaxed);
-                if !warned {
-                    warned = true;
-                    tracing::warn!("probe output channel full; dropping events (counted)");
-                }
-            }
-            // Nobody consumes any more (shutting down): keep draining so the reader never
-            // blocks, without counting losses that nobody would have seen.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+    while let Some(batch) = raw_rx.blocking_recv() {
+        queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        for raw in batch {
+            enrich_one(&raw, clock, &mut enricher, &out_tx, &drops, &mut warned);
         }
+    }
+}
+
+/// Decodes, enriches and hands on one record.
+fn enrich_one(
+    raw: &RawEvent,
+    clock: decode::Clock,
+    enricher: &mut enrich::Enricher,
+    out_tx: &mpsc::Sender<ConnectionEvent>,
+    drops: &UserDrops,
+    warned: &mut bool,
+) {
+    let mut event = match decode::decode(raw, clock) {
+        Ok(e) => e,
+        Err(e) => {
+            drops.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "undecodable probe record");
+            return;
+        }
+    };
+    enricher.enrich(&mut event);
+    match out_tx.try_send(event) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            drops.output_full.fetch_add(1, Ordering::Relaxed);
+            if !*warned {
+                *warned = true;
+                tracing::warn!("probe output channel full; dropping events (counted)");
+            }
+        }
+        // Nobody consumes any more (shutting down): keep draining so the reader never
+        // blocks, without counting losses that nobody would have seen.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sk: u64) -> RawEvent {
+        let info = ConnInfo {
+            start_ns: 1,
+            last_emit_ns: 1,
+            cgroup_id: 0,
+            pid: 0,
+            tgid: 0,
+            comm: [0; 16],
+            retransmits: 0,
+            direction: 1,
+            opened: 0,
+            attributed: 0,
+            established: 1,
+            family: 2,
+            lport: 1,
+            rport: 2,
+            _pad2: [0; 2],
+            saddr: [0; 16],
+            daddr: [0; 16],
+            netns: 0,
+            _pad3: 0,
+        };
+        opens::open_from_entry(sk, &info, 2)
+    }
+
+    #[test]
+    fn the_batch_channel_holds_at_most_its_capacity_in_records() {
+        let drops = Arc::new(UserDrops::default());
+        let (mut tx, mut rx, queued) = batches(3, drops.clone());
+        tx.push(record(1));
+        tx.push(record(2));
+        tx.flush();
+        assert_eq!(queued.load(Ordering::Acquire), 2);
+        // Two more do not fit beside the two waiting: the whole batch is dropped, counted.
+        tx.push(record(3));
+        tx.push(record(4));
+        tx.flush();
+        assert_eq!(drops.reader_full.load(Ordering::Relaxed), 2);
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.iter().map(|r| r.sk).collect::<Vec<_>>(), [1, 2]);
+        assert!(rx.try_recv().is_err(), "the dropped batch never arrives");
+        // The receiver frees room as it takes a batch (enrich_loop does this).
+        queued.fetch_sub(got.len(), Ordering::AcqRel);
+        // A full batch (the capacity, here 3) goes out without an explicit flush.
+        for sk in 5..8 {
+            tx.push(record(sk));
+        }
+        assert_eq!(rx.try_recv().unwrap().len(), 3);
+        assert_eq!(drops.reader_full.load(Ordering::Relaxed), 2);
     }
 }

@@ -120,7 +120,7 @@ fn open_from_close(close: &RawEvent) -> RawEvent {
 }
 
 /// The open of an idle connection, from its `CONNS` entry.
-fn open_from_entry(sk: u64, info: &ConnInfo, now_ns: u64) -> RawEvent {
+pub(super) fn open_from_entry(sk: u64, info: &ConnInfo, now_ns: u64) -> RawEvent {
     let mut event_flags = 0;
     if info.attributed != 0 {
         event_flags |= flags::PROCESS;
