@@ -279,11 +279,45 @@ mod tests {
     }
 
     #[test]
+    fn counters_too_far_apart_or_unknown_are_read_one_by_one() {
+        let mut o = Offsets {
+            srtt_us: 100,
+            mdev_us: 104,
+            bytes_acked: 200,
+            bytes_received: 208,
+            total_retrans: 300,
+            ..Offsets::UNKNOWN
+        };
+        o.set_counter_span();
+        assert_eq!((o.counters_base, o.counters_len), (96, 208));
+        o.total_retrans = 100 + edgeward_common::COUNTERS_SPAN_MAX as u32;
+        o.set_counter_span();
+        assert_eq!((o.counters_base, o.counters_len), (NO_OFFSET, 0));
+        o.total_retrans = NO_OFFSET;
+        o.set_counter_span();
+        assert_eq!(o.counters_base, NO_OFFSET);
+    }
+
+    #[test]
     fn this_kernel_has_every_offset() {
         // The machines edgeward is developed and tested on ship BTF (TOOLCHAIN.md).
         let k = kernel_offsets(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
         assert!(k.missing_fields.is_empty(), "{:?}", k.missing_fields);
         assert_ne!(k.offsets.srtt_us, NO_OFFSET);
         assert_ne!(k.offsets.bytes_acked, k.offsets.bytes_received);
+        // The counters are read as one span on this kernel.
+        let mut o = k.offsets;
+        o.set_counter_span();
+        assert_ne!(o.counters_base, NO_OFFSET, "{o:?}");
+        assert_eq!(o.counters_base % 8, 0);
+        for (field, size) in [
+            (o.srtt_us, 4),
+            (o.mdev_us, 4),
+            (o.bytes_acked, 8),
+            (o.bytes_received, 8),
+            (o.total_retrans, 4),
+        ] {
+            assert!(field >= o.counters_base && field + size <= o.counters_base + o.counters_len);
+        }
     }
 }

@@ -360,6 +360,7 @@ impl ProbeConfig {
         // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
+        offsets.set_counter_span();
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)

@@ -100,7 +100,16 @@ pub struct Offsets {
     /// connections then cost one record per end instead of two; the agent reports their open
     /// from the close record, and finds idle ones in `CONNS`.
     pub open_delay_ns: u64,
+    /// Start of the smallest 8-aligned span of `tcp_sock` that holds the five counters above
+    /// (`srtt_us` … `total_retrans`), or [`NO_OFFSET`]: the programs then read each counter
+    /// on its own. One read of the span costs less than five reads of a field each.
+    pub counters_base: u32,
+    /// Length of that span in bytes, at most [`COUNTERS_SPAN_MAX`] (0 when unused).
+    pub counters_len: u32,
 }
+
+/// The widest `tcp_sock` span the programs read in one go (their per-CPU scratch buffer).
+pub const COUNTERS_SPAN_MAX: usize = 1024;
 
 impl Offsets {
     /// Nothing known: the programs report what tracepoint arguments alone give.
@@ -116,7 +125,38 @@ impl Offsets {
         update_interval_ns: 0,
         wakeup_bytes: 0,
         open_delay_ns: 0,
+        counters_base: NO_OFFSET,
+        counters_len: 0,
     };
+
+    /// Sets [`Offsets::counters_base`] and [`Offsets::counters_len`] from the counter
+    /// offsets: the span from the first counter (rounded down to 8) to the end of the last,
+    /// when every counter is known and the span fits [`COUNTERS_SPAN_MAX`].
+    pub fn set_counter_span(&mut self) {
+        let fields = [
+            (self.srtt_us, 4),
+            (self.mdev_us, 4),
+            (self.bytes_acked, 8),
+            (self.bytes_received, 8),
+            (self.total_retrans, 4),
+        ];
+        self.counters_base = NO_OFFSET;
+        self.counters_len = 0;
+        let mut start = u32::MAX;
+        let mut end = 0;
+        for (offset, size) in fields {
+            if offset == NO_OFFSET {
+                return;
+            }
+            start = start.min(offset);
+            end = end.max(offset.saturating_add(size));
+        }
+        let start = start & !7;
+        if end - start <= COUNTERS_SPAN_MAX as u32 {
+            self.counters_base = start;
+            self.counters_len = end - start;
+        }
+    }
 }
 
 /// What the kernel keeps per in-flight connection (value of the `CONNS` LRU map, keyed by the

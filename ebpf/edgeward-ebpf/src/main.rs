@@ -26,13 +26,15 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
+        generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{fexit, map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{FExitContext, TracePointContext},
 };
-use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, RawEvent, counter, direction, flags, kind};
+use edgeward_common::{
+    COUNTERS_SPAN_MAX, ConnInfo, NO_OFFSET, Offsets, RawEvent, counter, direction, flags, kind,
+};
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
 #[map]
@@ -45,6 +47,11 @@ static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65_536, 0
 /// Events to the agent. The agent sets the size at load (`probe.ring_buffer_bytes`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Scratch space for one read of the `tcp_sock` span that holds the counters. One slot per
+/// CPU is enough: the kernel does not nest tracing programs on a CPU (it skips the inner one).
+#[map]
+static SCRATCH: PerCpuArray<[u8; COUNTERS_SPAN_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Field offsets from the running kernel's BTF, set by the agent before load.
 #[unsafe(no_mangle)]
@@ -149,6 +156,49 @@ fn read_kernel<T: Copy>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
+/// `(srtt_us, mdev_us, bytes_acked, bytes_received, total_retrans)` from one read of the
+/// `tcp_sock` span that holds them (see `Offsets::counters_base`); `None` when the span is
+/// not set or cannot be read (the caller then reads each field on its own).
+#[inline(always)]
+fn counters_from_span(sk: u64, off: &Offsets) -> Option<(u32, u32, u64, u64, u32)> {
+    let len = off.counters_len;
+    if off.counters_base == NO_OFFSET || len == 0 || len > COUNTERS_SPAN_MAX as u32 || sk == 0 {
+        return None;
+    }
+    let buf = SCRATCH.get_ptr_mut(0)? as *mut u8;
+    // SAFETY: `buf` is this CPU's scratch slot, `len` bytes fit in it; the helper checks the
+    // source address and fails cleanly on a bad one.
+    let ret = unsafe {
+        generated::bpf_probe_read_kernel(
+            buf as *mut _,
+            len,
+            (sk + off.counters_base as u64) as *const _,
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    Some((
+        span_field(buf, off.srtt_us, off)?,
+        span_field(buf, off.mdev_us, off)?,
+        span_field(buf, off.bytes_acked, off)?,
+        span_field(buf, off.bytes_received, off)?,
+        span_field(buf, off.total_retrans, off)?,
+    ))
+}
+
+/// The field at kernel offset `offset` inside the span read into `buf`.
+#[inline(always)]
+fn span_field<T: Copy>(buf: *const u8, offset: u32, off: &Offsets) -> Option<T> {
+    let rel = offset.wrapping_sub(off.counters_base) as usize;
+    if rel > COUNTERS_SPAN_MAX - core::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `rel + size_of::<T>()` is inside the scratch slot (checked above); the span
+    // starts 8-aligned and kernel fields are naturally aligned, so the read is aligned.
+    Some(unsafe { core::ptr::read(buf.add(rel) as *const T) })
+}
+
 /// Records the current process as the connection's owner (process context only).
 #[inline(always)]
 fn attribute(info: &mut ConnInfo) {
@@ -183,6 +233,8 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
         Option<u32>,
     ) = if event_kind == kind::OPEN {
         (None, None, None, None, None)
+    } else if let Some(c) = counters_from_span(sk, &off) {
+        (Some(c.0), Some(c.1), Some(c.2), Some(c.3), Some(c.4))
     } else {
         (
             read_kernel(sk, off.srtt_us),
