@@ -201,9 +201,40 @@ fn payload_bytes(raw: &RawEvent) -> (u64, u64) {
     )
 }
 
+/// The last few `comm` names decoded, so that the events of the same processes share one
+/// string instead of allocating one each (under churn most events come from a handful of
+/// processes).
+#[derive(Debug, Default)]
+pub struct Comms {
+    slots: [Option<([u8; 16], Arc<str>)>; 8],
+    next: usize,
+}
+
+impl Comms {
+    /// The name in `raw` (up to the first NUL), shared with earlier events of the same name.
+    pub fn get(&mut self, raw: &[u8; 16]) -> Arc<str> {
+        if let Some((_, name)) = self.slots.iter().flatten().find(|(k, _)| k == raw) {
+            return name.clone();
+        }
+        let name = comm(raw);
+        self.slots[self.next] = Some((*raw, name.clone()));
+        self.next = (self.next + 1) % self.slots.len();
+        name
+    }
+}
+
 /// Decodes one record. `flags` of the record says which fields the kernel could fill in;
 /// absent ones are zero.
 pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeError> {
+    decode_with(raw, clock, &mut Comms::default())
+}
+
+/// [`decode`], with process names shared through `comms`.
+pub fn decode_with(
+    raw: &RawEvent,
+    clock: Clock,
+    comms: &mut Comms,
+) -> Result<ConnectionEvent, DecodeError> {
     let unknown = || DecodeError::Unknown {
         kind: raw.kind,
         direction: raw.direction,
@@ -233,11 +264,7 @@ pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeErr
         peer: address(raw.daddr, raw.rport),
         pid: if process { raw.pid } else { 0 },
         tgid: if process { raw.tgid } else { 0 },
-        comm: if process {
-            comm(&raw.comm)
-        } else {
-            Arc::from("")
-        },
+        comm: comms.get(if process { &raw.comm } else { &[0; 16] }),
         cgroup_id: if process { raw.cgroup_id } else { 0 },
         netns: raw.netns,
         start_unix_nanos: clock.unix(raw.start_ns),
@@ -310,6 +337,11 @@ mod tests {
     fn sequence_space_is_not_payload() {
         // Active open closed from LAST_ACK: SYN and FIN acked, peer FIN received.
         let ev = decode(&raw(), Clock::with_offset(0)).unwrap();
+        let mut comms = Comms::default();
+        let a = decode_with(&raw(), Clock::with_offset(0), &mut comms).unwrap();
+        let b = decode_with(&raw(), Clock::with_offset(0), &mut comms).unwrap();
+        assert!(Arc::ptr_eq(&a.comm, &b.comm), "one string for one name");
+        assert_eq!(a, ev);
         assert_eq!((ev.bytes_sent, ev.bytes_received), (98, 199));
         // Passive side that closed first (FIN_WAIT2 -> TIME_WAIT): FIN each way, no SYN.
         let mut r = raw();

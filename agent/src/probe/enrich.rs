@@ -14,7 +14,7 @@ use super::event::ConnectionEvent;
 /// A map that holds at most `capacity` entries and forgets the oldest inserted first.
 #[derive(Debug)]
 pub struct BoundedCache<K, V> {
-    map: HashMap<K, V>,
+    map: HashMap<K, V, rustc_hash::FxBuildHasher>,
     order: VecDeque<K>,
     capacity: usize,
 }
@@ -23,7 +23,7 @@ impl<K: Hash + Eq + Clone, V> BoundedCache<K, V> {
     /// An empty cache of at most `capacity` entries (at least one).
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
         }
@@ -112,6 +112,11 @@ pub struct Enricher {
     cgroup_root: PathBuf,
     executables: BoundedCache<(u32, Arc<str>), Option<Arc<str>>>,
     cgroups: BoundedCache<u64, CgroupInfo>,
+    /// The last executable found (tgid, comm, name): most events in a row come from the
+    /// same few processes, and this spares them the hash lookup.
+    last_executable: Option<(u32, Arc<str>, Arc<str>)>,
+    /// The last cgroup looked up.
+    last_cgroup: Option<(u64, CgroupInfo)>,
     /// Walks of cgroupfs so far.
     scans: u64,
 }
@@ -135,6 +140,8 @@ impl Enricher {
             cgroup_root,
             executables: BoundedCache::new(cache_size),
             cgroups: BoundedCache::new(cache_size),
+            last_executable: None,
+            last_cgroup: None,
             scans: 0,
         }
     }
@@ -152,9 +159,18 @@ impl Enricher {
     }
 
     fn executable(&mut self, tgid: u32, comm: &Arc<str>) -> Option<Arc<str>> {
+        if let Some((t, c, exe)) = &self.last_executable
+            && *t == tgid
+            && (Arc::ptr_eq(c, comm) || c == comm)
+        {
+            return Some(exe.clone());
+        }
         // Keyed with comm too, so a reused pid running something else is looked up again.
         let key = (tgid, comm.clone());
         if let Some(hit) = self.executables.get(&key) {
+            if let Some(exe) = hit {
+                self.last_executable = Some((tgid, comm.clone(), exe.clone()));
+            }
             return hit.clone();
         }
         let exe = std::fs::read_link(self.proc_root.join(tgid.to_string()).join("exe"))
@@ -165,15 +181,23 @@ impl Enricher {
             });
         // A process that already exited is not cached: it may still be found next time only
         // if the pid is reused, which the comm key covers.
-        if exe.is_some() {
+        if let Some(name) = &exe {
             self.executables.insert(key, exe.clone());
+            self.last_executable = Some((tgid, comm.clone(), name.clone()));
         }
         exe
     }
 
     fn cgroup(&mut self, id: u64) -> CgroupInfo {
+        if let Some((last, info)) = &self.last_cgroup
+            && *last == id
+        {
+            return info.clone();
+        }
         if let Some(hit) = self.cgroups.get(&id) {
-            return hit.clone();
+            let info = hit.clone();
+            self.last_cgroup = Some((id, info.clone()));
+            return info;
         }
         // One walk of cgroupfs per cgroup never seen before (cgroup ids are not reused within
         // a boot); the walk caches what it finds on the way, and a miss is cached too.
@@ -191,6 +215,7 @@ impl Enricher {
             }
         });
         self.cgroups.insert(id, found.clone());
+        self.last_cgroup = Some((id, found.clone()));
         found
     }
 }

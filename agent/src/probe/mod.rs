@@ -912,11 +912,20 @@ fn enrich_loop(
 ) {
     let clock = decode::Clock::now();
     let mut enricher = enrich::Enricher::new(cache_size);
+    let mut comms = decode::Comms::default();
     let mut warned = false;
     while let Some(batch) = raw_rx.blocking_recv() {
         queued.fetch_sub(batch.len(), Ordering::AcqRel);
         for raw in batch {
-            enrich_one(&raw, clock, &mut enricher, &out_tx, &drops, &mut warned);
+            enrich_one(
+                &raw,
+                clock,
+                &mut enricher,
+                &mut comms,
+                &out_tx,
+                &drops,
+                &mut warned,
+            );
         }
     }
 }
@@ -926,11 +935,12 @@ fn enrich_one(
     raw: &RawEvent,
     clock: decode::Clock,
     enricher: &mut enrich::Enricher,
+    comms: &mut decode::Comms,
     out_tx: &mpsc::Sender<ConnectionEvent>,
     drops: &UserDrops,
     warned: &mut bool,
 ) {
-    let mut event = match decode::decode(raw, clock) {
+    let mut event = match decode::decode_with(raw, clock, comms) {
         Ok(e) => e,
         Err(e) => {
             drops.undecodable.fetch_add(1, Ordering::Relaxed);
