@@ -45,10 +45,14 @@ fn closes_by(events: &[ConnectionEvent], pid: u32) -> usize {
 
 /// N connections each way of known size; every one reported once per end, exactly.
 fn known_traffic(host: &str, reported_ip: &str) {
+    known_traffic_with(host, reported_ip, ProbeConfig::default());
+}
+
+fn known_traffic_with(host: &str, reported_ip: &str, config: ProbeConfig) {
     const N: usize = 5;
     const UP: u64 = 3_000;
     const DOWN: u64 = 50_000;
-    let probe = RunningProbe::start(ProbeConfig::default());
+    let probe = RunningProbe::start(config);
     let t0 = unix_now();
     let mut server = Traffic::spawn(
         None,
@@ -173,6 +177,18 @@ fn ipv6_connections_are_reported_exactly() {
 #[test]
 fn v4_mapped_ipv6_connections_are_reported_as_ipv4() {
     known_traffic("::ffff:127.0.0.1", "127.0.0.1");
+}
+
+/// The classic-tracepoint programs (what kernels without the socket fields in BTF run), with
+/// BTF: the same exact answers as the raw ones above, IPv4 and IPv6.
+#[test]
+fn classic_tracepoints_report_the_same_as_raw_ones() {
+    let classic = || ProbeConfig {
+        raw_tracepoints: false,
+        ..ProbeConfig::default()
+    };
+    known_traffic_with("127.0.0.1", "127.0.0.1", classic());
+    known_traffic_with("::1", "::1", classic());
 }
 
 #[test]

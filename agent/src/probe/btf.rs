@@ -52,6 +52,17 @@ const FIELDS: &[(&str, &str, &[&str])] = &[
     ),
     ("sock", "__sk_common.skc_net.net", &["netns"]),
     ("net", "ns.inum", &["netns"]),
+    // The raw-tracepoint programs read these from the socket. Without any of them the
+    // classic tracepoints run instead, which find them in the tracepoint record: no event
+    // field is lost.
+    ("sock", "sk_protocol", &[]),
+    ("sock", "__sk_common.skc_family", &[]),
+    ("sock", "__sk_common.skc_dport", &[]),
+    ("sock", "__sk_common.skc_num", &[]),
+    ("sock", "__sk_common.skc_daddr", &[]),
+    ("sock", "__sk_common.skc_rcv_saddr", &[]),
+    ("sock", "__sk_common.skc_v6_daddr", &[]),
+    ("sock", "__sk_common.skc_v6_rcv_saddr", &[]),
 ];
 
 /// Every field that needs BTF: what the probe lacks when there is none at all.
@@ -235,8 +246,16 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
             ("tcp_sock", "bytes_received") => &mut offsets.bytes_received,
             ("tcp_sock", "total_retrans") => &mut offsets.total_retrans,
             ("sock", "sk_err") => &mut offsets.sk_err,
-            ("sock", _) => &mut offsets.sk_net,
-            _ => &mut offsets.net_inum,
+            ("sock", "__sk_common.skc_net.net") => &mut offsets.sk_net,
+            ("net", _) => &mut offsets.net_inum,
+            ("sock", "sk_protocol") => &mut offsets.sk_protocol,
+            ("sock", "__sk_common.skc_family") => &mut offsets.skc_family,
+            ("sock", "__sk_common.skc_dport") => &mut offsets.skc_dport,
+            ("sock", "__sk_common.skc_num") => &mut offsets.skc_num,
+            ("sock", "__sk_common.skc_daddr") => &mut offsets.skc_daddr,
+            ("sock", "__sk_common.skc_rcv_saddr") => &mut offsets.skc_rcv_saddr,
+            ("sock", "__sk_common.skc_v6_daddr") => &mut offsets.skc_v6_daddr,
+            _ => &mut offsets.skc_v6_rcv_saddr,
         };
         match found {
             Some(n) => *slot = n,
@@ -251,6 +270,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
             }
         }
     }
+    offsets.set_sock_head();
     missing.sort_unstable();
     missing.dedup();
     Ok(KernelOffsets {
@@ -305,6 +325,16 @@ mod tests {
         assert!(k.missing_fields.is_empty(), "{:?}", k.missing_fields);
         assert_ne!(k.offsets.srtt_us, NO_OFFSET);
         assert_ne!(k.offsets.bytes_acked, k.offsets.bytes_received);
+        assert!(k.offsets.has_sock_addresses(), "{:?}", k.offsets);
+        // sock_common starts the socket: its address pair comes first, then the hash and
+        // the port pair (include/net/sock.h).
+        assert_eq!(
+            (k.offsets.skc_daddr, k.offsets.skc_rcv_saddr),
+            (0, 4),
+            "{:?}",
+            k.offsets
+        );
+        assert_eq!(k.offsets.skc_num, k.offsets.skc_dport + 2);
         // The counters are read as one span on this kernel.
         let mut o = k.offsets;
         o.set_counter_span();

@@ -28,7 +28,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FExit, ProgramError, TracePoint},
+    programs::{FExit, ProgramError, RawTracePoint, TracePoint},
 };
 use edgeward_common::{ConnInfo, Offsets, RawEvent, counter};
 use prometheus_client::{
@@ -79,6 +79,10 @@ pub struct ProbeConfig {
     pub enrichment_cache_size: usize,
     /// Where the kernel's BTF is read from.
     pub btf_path: PathBuf,
+    /// Attach the programs as raw tracepoints when the kernel's BTF gives the socket fields
+    /// they read (the cheaper form); false attaches classic tracepoints, which read the
+    /// formatted tracepoint record. Both report the same fields.
+    pub raw_tracepoints: bool,
 }
 
 impl Default for ProbeConfig {
@@ -92,6 +96,7 @@ impl Default for ProbeConfig {
             channel_capacity: 16_384,
             enrichment_cache_size: 4_096,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            raw_tracepoints: true,
         }
     }
 }
@@ -201,29 +206,88 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Tracepoint programs: (program name, category, tracepoint name, what is lost without it;
-/// `None` = required).
-const TRACEPOINTS: &[(&str, &str, &str, Option<&str>)] = &[
-    ("conn_state", "sock", "inet_sock_set_state", None),
-    (
-        "conn_retransmit",
-        "tcp",
-        "tcp_retransmit_skb",
-        Some("retransmits (without BTF)"),
-    ),
-    (
-        "conn_io",
-        "sock",
-        "sock_send_length",
-        Some("update events; pid/comm of passive opens without the accept hook"),
-    ),
-    (
-        "conn_io",
-        "sock",
-        "sock_recv_length",
-        Some("update events; pid/comm of passive opens without the accept hook"),
-    ),
+/// A tracepoint the probe attaches to.
+struct Hook {
+    /// The program in classic form (given the tracepoint's formatted record).
+    classic: &'static str,
+    /// The same program in raw form (given the tracepoint's arguments).
+    raw: &'static str,
+    category: &'static str,
+    name: &'static str,
+    /// What is lost without it; `None` = required.
+    loses: Option<&'static str>,
+}
+
+const IO_LOSES: Option<&str> =
+    Some("update events; pid/comm of passive opens without the accept hook");
+
+const TRACEPOINTS: &[Hook] = &[
+    Hook {
+        classic: "conn_state",
+        raw: "conn_state_raw",
+        category: "sock",
+        name: "inet_sock_set_state",
+        loses: None,
+    },
+    Hook {
+        classic: "conn_retransmit",
+        raw: "conn_retransmit_raw",
+        category: "tcp",
+        name: "tcp_retransmit_skb",
+        loses: Some("retransmits (without BTF)"),
+    },
+    Hook {
+        classic: "conn_io",
+        raw: "conn_io_raw",
+        category: "sock",
+        name: "sock_send_length",
+        loses: IO_LOSES,
+    },
+    Hook {
+        classic: "conn_io",
+        raw: "conn_io_raw",
+        category: "sock",
+        name: "sock_recv_length",
+        loses: IO_LOSES,
+    },
 ];
+
+/// How the programs attach to their tracepoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Raw tracepoints: the kernel passes the tracepoint's arguments (the socket pointer)
+    /// without formatting a record first. The cheaper form; needs the socket's address
+    /// fields from BTF.
+    Raw,
+    /// Classic tracepoints: the programs read the formatted record. For kernels without BTF.
+    Classic,
+}
+
+impl AttachMode {
+    /// The cheapest form the offsets allow.
+    pub fn for_offsets(offsets: &Offsets) -> Self {
+        if offsets.has_sock_addresses() {
+            Self::Raw
+        } else {
+            Self::Classic
+        }
+    }
+
+    fn program(self, hook: &Hook) -> &'static str {
+        match self {
+            Self::Raw => hook.raw,
+            Self::Classic => hook.classic,
+        }
+    }
+
+    /// As logs and docs name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw_tracepoint",
+            Self::Classic => "tracepoint",
+        }
+    }
+}
 
 /// How often the reader drains the ring buffer without being woken (the kernel wakes it only
 /// once an eighth of the buffer is filled): the most an event waits in the kernel.
@@ -361,21 +425,23 @@ impl ProbeConfig {
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
         offsets.set_counter_span();
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", &offsets, true)
-            .map_max_entries("EVENTS", self.ring_buffer_bytes)
-            .map_max_entries("CONNS", self.max_connections)
-            .load(PROGRAMS)?;
-        for &(program, category, name, loses) in TRACEPOINTS {
-            match (attach_tracepoint(&mut ebpf, program, category, name), loses) {
-                (Ok(()), _) => {}
-                (Err(e), None) => return Err(e),
-                (Err(e), Some(loses)) => {
-                    tracing::warn!(error = %error_chain(&e), "optional tracepoint unavailable");
-                    notes.push(error_chain(&e));
-                    missing.push(loses);
-                }
+        let mut mode = if self.raw_tracepoints {
+            AttachMode::for_offsets(&offsets)
+        } else {
+            AttachMode::Classic
+        };
+        let attached = match self.load_and_attach(&offsets, mode) {
+            Err(e) if mode == AttachMode::Raw => {
+                tracing::warn!(error = %error_chain(&e), "raw tracepoints unavailable; attaching classic tracepoints");
+                mode = AttachMode::Classic;
+                self.load_and_attach(&offsets, mode)
             }
+            attached => attached,
+        };
+        let (mut ebpf, lost) = attached?;
+        for (e, loses) in lost {
+            notes.push(e);
+            missing.push(loses);
         }
         // The accept hook is an improvement, not a requirement: without it a passive open is
         // attributed at its first send or receive, in the owning process's context.
@@ -430,6 +496,7 @@ impl ProbeConfig {
         });
         tracing::info!(
             programs = TRACEPOINTS.len() + 1,
+            attach = mode.as_str(),
             missing = missing.len(),
             "eBPF probe loaded and attached"
         );
@@ -449,26 +516,71 @@ impl ProbeConfig {
     }
 }
 
+impl ProbeConfig {
+    /// Loads the programs and attaches them in `mode`. Returns the optional tracepoints that
+    /// failed, each with the error and what it costs.
+    #[allow(clippy::type_complexity)]
+    fn load_and_attach(
+        &self,
+        offsets: &Offsets,
+        mode: AttachMode,
+    ) -> Result<(Ebpf, Vec<(String, &'static str)>), ProbeError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", offsets, true)
+            .map_max_entries("EVENTS", self.ring_buffer_bytes)
+            .map_max_entries("CONNS", self.max_connections)
+            .load(PROGRAMS)?;
+        let mut lost = Vec::new();
+        for hook in TRACEPOINTS {
+            let program = mode.program(hook);
+            match (
+                attach_tracepoint(&mut ebpf, mode, program, hook),
+                hook.loses,
+            ) {
+                (Ok(()), _) => {}
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(loses)) => {
+                    tracing::warn!(error = %error_chain(&e), "optional tracepoint unavailable");
+                    lost.push((error_chain(&e), loses));
+                }
+            }
+        }
+        Ok((ebpf, lost))
+    }
+}
+
+/// Loads `program` (once) and attaches it to `hook`'s tracepoint in `mode`.
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
+    mode: AttachMode,
     program: &'static str,
-    category: &str,
-    name: &str,
+    hook: &Hook,
 ) -> Result<(), ProbeError> {
+    let (category, name) = (hook.category, hook.name);
     let err = |source| ProbeError::Program {
         program,
-        attach_point: format!("tracepoint {category}/{name}"),
+        attach_point: format!("{} {category}/{name}", mode.as_str()),
         source,
     };
-    let tp: &mut TracePoint = ebpf
+    let prog = ebpf
         .program_mut(program)
-        .ok_or(ProbeError::MissingProgram(program))?
-        .try_into()
-        .map_err(err)?;
-    if tp.fd().is_err() {
-        tp.load().map_err(err)?;
+        .ok_or(ProbeError::MissingProgram(program))?;
+    match mode {
+        AttachMode::Classic => {
+            let tp: &mut TracePoint = prog.try_into().map_err(err)?;
+            if tp.fd().is_err() {
+                tp.load().map_err(err)?;
+            }
+            tp.attach(category, name).map_err(err)?;
+        }
+        AttachMode::Raw => {
+            let tp: &mut RawTracePoint = prog.try_into().map_err(err)?;
+            if tp.fd().is_err() {
+                tp.load().map_err(err)?;
+            }
+            tp.attach(name).map_err(err)?;
+        }
     }
-    tp.attach(category, name).map_err(err)?;
     Ok(())
 }
 
@@ -496,6 +608,7 @@ fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 /// tracepoints pays at least.
 pub struct FloorProbe {
     ebpf: Ebpf,
+    mode: AttachMode,
 }
 
 impl FloorProbe {
@@ -504,16 +617,29 @@ impl FloorProbe {
         if PROGRAMS.is_empty() {
             return Err(ProbeError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new().load(PROGRAMS)?;
-        for &(program, category, name, _) in TRACEPOINTS {
-            let floor = if program == "conn_state" {
-                "count_state_changes"
-            } else {
-                "count_other"
+        // The same attach mode as the probe would use here: the floor of the design in use.
+        let offsets = btf::kernel_offsets(&ProbeConfig::default().btf_path)
+            .map(|k| k.offsets)
+            .unwrap_or(Offsets::UNKNOWN);
+        let mode = AttachMode::for_offsets(&offsets);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .load(PROGRAMS)?;
+        for hook in TRACEPOINTS {
+            let floor = match (hook.classic == "conn_state", mode) {
+                (true, AttachMode::Raw) => "count_state_changes_raw",
+                (true, AttachMode::Classic) => "count_state_changes",
+                (false, AttachMode::Raw) => "count_other_raw",
+                (false, AttachMode::Classic) => "count_other",
             };
-            attach_tracepoint(&mut ebpf, floor, category, name)?;
+            attach_tracepoint(&mut ebpf, mode, floor, hook)?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, mode })
+    }
+
+    /// How its programs are attached (as the probe's would be on this kernel).
+    pub fn mode(&self) -> AttachMode {
+        self.mode
     }
 
     /// Run counts and kernel run time of its programs (zero unless the kernel's BPF

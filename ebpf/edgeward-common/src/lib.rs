@@ -106,10 +106,35 @@ pub struct Offsets {
     pub counters_base: u32,
     /// Length of that span in bytes, at most [`COUNTERS_SPAN_MAX`] (0 when unused).
     pub counters_len: u32,
+    /// `sock.sk_protocol` (u16).
+    pub sk_protocol: u32,
+    /// `sock.__sk_common.skc_family` (u16).
+    pub skc_family: u32,
+    /// `sock.__sk_common.skc_dport` (be16).
+    pub skc_dport: u32,
+    /// `sock.__sk_common.skc_num` (u16, host order).
+    pub skc_num: u32,
+    /// `sock.__sk_common.skc_daddr` (be32).
+    pub skc_daddr: u32,
+    /// `sock.__sk_common.skc_rcv_saddr` (be32).
+    pub skc_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_v6_daddr` (16 bytes).
+    pub skc_v6_daddr: u32,
+    /// `sock.__sk_common.skc_v6_rcv_saddr` (16 bytes).
+    pub skc_v6_rcv_saddr: u32,
+    /// Bytes from the start of `sock` that hold all the `skc_*` fields above, at most
+    /// [`SOCK_HEAD_MAX`]; 0 when one is unknown or lies further in. The raw-tracepoint
+    /// programs read this head in one go and need it set.
+    pub sock_head_len: u32,
+    /// Padding.
+    pub _pad: u32,
 }
 
 /// The widest `tcp_sock` span the programs read in one go (their per-CPU scratch buffer).
 pub const COUNTERS_SPAN_MAX: usize = 1024;
+
+/// The longest head of `sock` (its `sock_common`) the programs read in one go.
+pub const SOCK_HEAD_MAX: usize = 128;
 
 impl Offsets {
     /// Nothing known: the programs report what tracepoint arguments alone give.
@@ -127,7 +152,51 @@ impl Offsets {
         open_delay_ns: 0,
         counters_base: NO_OFFSET,
         counters_len: 0,
+        sk_protocol: NO_OFFSET,
+        skc_family: NO_OFFSET,
+        skc_dport: NO_OFFSET,
+        skc_num: NO_OFFSET,
+        skc_daddr: NO_OFFSET,
+        skc_rcv_saddr: NO_OFFSET,
+        skc_v6_daddr: NO_OFFSET,
+        skc_v6_rcv_saddr: NO_OFFSET,
+        sock_head_len: 0,
+        _pad: 0,
     };
+
+    /// Sets [`Offsets::sock_head_len`] from the `skc_*` offsets.
+    pub fn set_sock_head(&mut self) {
+        let fields = [
+            (self.skc_family, 2),
+            (self.skc_dport, 2),
+            (self.skc_num, 2),
+            (self.skc_daddr, 4),
+            (self.skc_rcv_saddr, 4),
+            (self.skc_v6_daddr, 16),
+            (self.skc_v6_rcv_saddr, 16),
+        ];
+        self.sock_head_len = 0;
+        let mut end = 0u32;
+        for (offset, size) in fields {
+            if offset == NO_OFFSET {
+                return;
+            }
+            end = end.max(offset.saturating_add(size));
+        }
+        // The programs copy the IPv6 addresses as two 8-byte words.
+        let aligned =
+            self.skc_v6_daddr.is_multiple_of(8) && self.skc_v6_rcv_saddr.is_multiple_of(8);
+        if aligned && end as usize <= SOCK_HEAD_MAX {
+            self.sock_head_len = end;
+        }
+    }
+
+    /// Whether the raw-tracepoint programs can run: they read the protocol, addresses and
+    /// ports from the socket rather than from a tracepoint record. Call after
+    /// [`Offsets::set_sock_head`].
+    pub const fn has_sock_addresses(&self) -> bool {
+        self.sk_protocol != NO_OFFSET && self.sock_head_len != 0
+    }
 
     /// Sets [`Offsets::counters_base`] and [`Offsets::counters_len`] from the counter
     /// offsets: the span from the first counter (rounded down to 8) to the end of the last,

@@ -5,6 +5,16 @@
 //! without kprobes) plus one fexit trampoline on `inet_csk_accept`, which gives the process
 //! that accepted a passive open.
 //!
+//! Each tracepoint program comes in two forms with the same logic: a raw tracepoint
+//! (`*_raw`, given the `TP_PROTO` arguments: the socket pointer and the states), which the
+//! agent uses when the kernel's BTF gives the socket's address fields, and a classic
+//! tracepoint (given the formatted record), for kernels without BTF. A raw tracepoint costs
+//! the kernel less per run: no record is formatted into a per-CPU buffer before the program
+//! runs, and the probe runs about fourteen times per short connection. In exchange the raw
+//! programs read what they need from the socket, so they read as little as they can: the
+//! protocol only where an entry is created (entries exist only for TCP sockets), the
+//! addresses once per connection end, as one span.
+//!
 //! Life of a connection in the `CONNS` map (keyed by the socket's kernel address):
 //! - `SYN_SENT` (in `connect()`, process context): entry created, process attributed.
 //! - `SYN_SENT -> ESTABLISHED` (softirq): open event written, unless `open_delay_ns` is set.
@@ -28,12 +38,13 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
-    macros::{fexit, map, tracepoint},
+    macros::{fexit, map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{FExitContext, TracePointContext},
+    programs::{FExitContext, RawTracePointContext, TracePointContext},
 };
 use edgeward_common::{
-    COUNTERS_SPAN_MAX, ConnInfo, NO_OFFSET, Offsets, RawEvent, counter, direction, flags, kind,
+    COUNTERS_SPAN_MAX, ConnInfo, NO_OFFSET, Offsets, RawEvent, SOCK_HEAD_MAX, counter, direction,
+    flags, kind,
 };
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
@@ -58,6 +69,7 @@ static SCRATCH: PerCpuArray<[u8; COUNTERS_SPAN_MAX]> = PerCpuArray::with_max_ent
 static OFFSETS: Offsets = Offsets::UNKNOWN;
 
 const IPPROTO_TCP: u16 = 6;
+const AF_INET6: u16 = 10;
 
 /// `bpf_ringbuf_submit` / `bpf_ringbuf_query` flags (uapi/linux/bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -81,6 +93,15 @@ mod set_state {
     pub const PROTOCOL: usize = 30;
     pub const SADDR_V6: usize = 40;
     pub const DADDR_V6: usize = 56;
+}
+
+/// `TP_PROTO` argument positions of `inet_sock_set_state(sk, oldstate, newstate)`; the
+/// other raw tracepoints (`tcp_retransmit_skb`, `sock_send_length`, `sock_recv_length`) have
+/// the socket first too.
+mod raw_arg {
+    pub const SK: usize = 0;
+    pub const OLDSTATE: usize = 1;
+    pub const NEWSTATE: usize = 2;
 }
 
 /// `tcp:tcp_retransmit_skb`: `skaddr`.
@@ -199,6 +220,24 @@ fn span_field<T: Copy>(buf: *const u8, offset: u32, off: &Offsets) -> Option<T> 
     Some(unsafe { core::ptr::read(buf.add(rel) as *const T) })
 }
 
+/// Reads the field at `base + offset` into `out`; false (and `out` untouched, or zeroed by
+/// the helper) when the offset is unknown or the read fails.
+#[inline(always)]
+fn read_into<T: Copy>(base: u64, offset: u32, out: &mut T) -> bool {
+    if offset == NO_OFFSET || base == 0 {
+        return false;
+    }
+    // SAFETY: `out` is a writable `T`; the helper checks the source address and zeroes `out`
+    // when the read fails.
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            out as *mut T as *mut _,
+            core::mem::size_of::<T>() as u32,
+            (base + offset as u64) as *const _,
+        ) == 0
+    }
+}
+
 /// Records the current process as the connection's owner (process context only).
 #[inline(always)]
 fn attribute(info: &mut ConnInfo) {
@@ -223,36 +262,30 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
     };
     let off = offsets();
     let mut event_flags = 0u16;
-    // Open events carry no counters (nothing has been exchanged yet): four fewer reads on
-    // the hottest path of short connections.
-    let (srtt, mdev, acked, received, retrans): (
-        Option<u32>,
-        Option<u32>,
-        Option<u64>,
-        Option<u64>,
-        Option<u32>,
-    ) = if event_kind == kind::OPEN {
-        (None, None, None, None, None)
-    } else if let Some(c) = counters_from_span(sk, &off) {
-        (Some(c.0), Some(c.1), Some(c.2), Some(c.3), Some(c.4))
-    } else {
-        (
-            read_kernel(sk, off.srtt_us),
-            read_kernel(sk, off.mdev_us),
-            read_kernel(sk, off.bytes_acked),
-            read_kernel(sk, off.bytes_received),
-            read_kernel(sk, off.total_retrans),
-        )
-    };
-    if srtt.is_some() && acked.is_some() && received.is_some() && retrans.is_some() {
-        event_flags |= flags::TCP_COUNTERS;
+    // Open events carry no counters (nothing has been exchanged yet): no reads on the
+    // hottest path of short connections. Every value is a defined zero until read: with
+    // `Option`s, LLVM may compute on the payload of a `None` (whatever a register held, e.g.
+    // the ring buffer pointer) before selecting it away, which the verifier rejects.
+    let (mut srtt, mut mdev, mut acked, mut received, mut retrans) = (0u32, 0u32, 0u64, 0u64, 0u32);
+    let mut retrans_known = false;
+    if event_kind != kind::OPEN {
+        if let Some(c) = counters_from_span(sk, &off) {
+            (srtt, mdev, acked, received, retrans) = c;
+            retrans_known = true;
+            event_flags |= flags::TCP_COUNTERS;
+        } else {
+            let have_srtt = read_into(sk, off.srtt_us, &mut srtt);
+            read_into(sk, off.mdev_us, &mut mdev);
+            let have_acked = read_into(sk, off.bytes_acked, &mut acked);
+            let have_received = read_into(sk, off.bytes_received, &mut received);
+            retrans_known = read_into(sk, off.total_retrans, &mut retrans);
+            if have_srtt && have_acked && have_received && retrans_known {
+                event_flags |= flags::TCP_COUNTERS;
+            }
+        }
     }
-    let sk_err: Option<i32> = if event_kind == kind::CLOSE {
-        read_kernel(sk, off.sk_err)
-    } else {
-        None
-    };
-    if sk_err.is_some() {
+    let mut sk_err = 0i32;
+    if event_kind == kind::CLOSE && read_into(sk, off.sk_err, &mut sk_err) {
         event_flags |= flags::SK_ERR;
     }
     if info.netns != 0 {
@@ -273,18 +306,19 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
         (*e).ts_ns = now;
         (*e).cgroup_id = info.cgroup_id;
         // Volatile: two zero stores would otherwise merge into a call to a byte-wise memset.
-        core::ptr::write_volatile(&mut (*e).bytes_acked, acked.unwrap_or(0));
-        core::ptr::write_volatile(&mut (*e).bytes_received, received.unwrap_or(0));
+        core::ptr::write_volatile(&mut (*e).bytes_acked, acked);
+        core::ptr::write_volatile(&mut (*e).bytes_received, received);
         (*e).pid = info.pid;
         (*e).tgid = info.tgid;
         (*e).netns = info.netns;
-        (*e).srtt_us = srtt.unwrap_or(0) >> 3;
-        (*e).rttvar_us = mdev.unwrap_or(0) >> 2;
-        (*e).retransmits = match retrans {
-            Some(r) => r,
-            None => info.retransmits,
+        (*e).srtt_us = srtt >> 3;
+        (*e).rttvar_us = mdev >> 2;
+        (*e).retransmits = if retrans_known {
+            retrans
+        } else {
+            info.retransmits
         };
-        (*e).sk_err = sk_err.unwrap_or(0);
+        (*e).sk_err = sk_err;
         (*e).lport = info.lport;
         (*e).rport = info.rport;
         (*e).family = info.family;
@@ -309,14 +343,110 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
     count(counter::EVENTS);
 }
 
-/// Copies addresses and ports from an `inet_sock_set_state` record into `info`.
+/// Where a program finds a connection's addresses and ports, and whether it is TCP.
+trait Source {
+    /// Fills in family, ports and addresses (IPv4 as v4-mapped IPv6, as the tracepoint
+    /// record has them).
+    fn read_addresses(&self, info: &mut ConnInfo);
+    /// Whether the socket is a TCP socket (asked only before an entry is created).
+    fn is_tcp(&self) -> bool;
+}
+
+/// The `inet_sock_set_state` record of a classic tracepoint (checked to be TCP already).
+struct Record<'a>(&'a TracePointContext);
+
+impl Source for Record<'_> {
+    #[inline(always)]
+    fn read_addresses(&self, info: &mut ConnInfo) {
+        let ctx = self.0;
+        info.lport = field(ctx, set_state::SPORT);
+        info.rport = field(ctx, set_state::DPORT);
+        info.family = field(ctx, set_state::FAMILY);
+        field_addr(ctx, set_state::SADDR_V6, &mut info.saddr);
+        field_addr(ctx, set_state::DADDR_V6, &mut info.daddr);
+    }
+
+    #[inline(always)]
+    fn is_tcp(&self) -> bool {
+        true
+    }
+}
+
+/// The socket itself (raw tracepoints): `sock_common` is read in one go into the per-CPU
+/// scratch slot and the fields picked at their BTF offsets.
+struct Sock(u64);
+
+impl Source for Sock {
+    #[inline(always)]
+    fn read_addresses(&self, info: &mut ConnInfo) {
+        let (sk, off) = (self.0, offsets());
+        let len = off.sock_head_len;
+        if len == 0 || len > SOCK_HEAD_MAX as u32 || sk == 0 {
+            return;
+        }
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+            return;
+        };
+        let buf = buf as *mut u8;
+        // SAFETY: `buf` is this CPU's scratch slot (larger than SOCK_HEAD_MAX); the helper
+        // checks the source address and fails cleanly on a bad one.
+        if unsafe { generated::bpf_probe_read_kernel(buf as *mut _, len, sk as *const _) } != 0 {
+            return;
+        }
+        let head = |offset: u32, size: usize| -> Option<*const u8> {
+            let at = offset as usize;
+            // SAFETY (of the uses below): inside the slot, checked here.
+            (at <= SOCK_HEAD_MAX - size).then(|| unsafe { buf.add(at) } as *const u8)
+        };
+        // SAFETY: each pointer is inside the slot (checked by `head`); the fields are
+        // naturally aligned in the kernel struct and the slot, and the agent only sets
+        // `sock_head_len` when the IPv6 addresses are 8-aligned (see `copy16`).
+        unsafe {
+            let Some(family) = head(off.skc_family, 2) else {
+                return;
+            };
+            let family = *(family as *const u16);
+            info.family = family;
+            if let Some(p) = head(off.skc_dport, 2) {
+                info.rport = u16::from_be(*(p as *const u16));
+            }
+            if let Some(p) = head(off.skc_num, 2) {
+                info.lport = *(p as *const u16);
+            }
+            if family == AF_INET6 {
+                if let Some(p) = head(off.skc_v6_rcv_saddr, 16) {
+                    copy16(&mut info.saddr, p as *const [u8; 16]);
+                }
+                if let Some(p) = head(off.skc_v6_daddr, 16) {
+                    copy16(&mut info.daddr, p as *const [u8; 16]);
+                }
+            } else {
+                if let Some(p) = head(off.skc_rcv_saddr, 4) {
+                    v4_mapped(*(p as *const u32), &mut info.saddr);
+                }
+                if let Some(p) = head(off.skc_daddr, 4) {
+                    v4_mapped(*(p as *const u32), &mut info.daddr);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn is_tcp(&self) -> bool {
+        read_kernel::<u16>(self.0, offsets().sk_protocol) == Some(IPPROTO_TCP)
+    }
+}
+
+/// `::ffff:a.b.c.d` from an IPv4 address as it lies in memory (network order).
 #[inline(always)]
-fn read_addresses(ctx: &TracePointContext, info: &mut ConnInfo) {
-    info.lport = field(ctx, set_state::SPORT);
-    info.rport = field(ctx, set_state::DPORT);
-    info.family = field(ctx, set_state::FAMILY);
-    field_addr(ctx, set_state::SADDR_V6, &mut info.saddr);
-    field_addr(ctx, set_state::DADDR_V6, &mut info.daddr);
+fn v4_mapped(addr: u32, dst: &mut [u8; 16]) {
+    let d = dst as *mut [u8; 16] as *mut u64;
+    // SAFETY: `dst` is a field of an 8-aligned `ConnInfo` at a multiple of 8 (see `copy16`).
+    // Little-endian: bytes 8..12 are 00 00 ff ff, bytes 12..16 the address.
+    unsafe {
+        *d = 0;
+        *d.add(1) = 0xffff_0000 | (addr as u64) << 32;
+    }
 }
 
 /// The inode number of the socket's network namespace (0 when the offsets are unknown).
@@ -347,16 +477,16 @@ fn zeroed_conn() -> ConnInfo {
     unsafe { info.assume_init() }
 }
 
-/// A new entry for `sk`: addresses from the record, network namespace from the socket (read
-/// once here rather than in every record).
+/// A new entry for `sk`, network namespace read from the socket (once here rather than in
+/// every record). Addresses are the caller's: an active open has its local port only once
+/// the handshake completes or fails.
 #[inline(always)]
-fn new_conn(ctx: &TracePointContext, sk: u64, dir: u8, now: u64) -> ConnInfo {
+fn new_conn(sk: u64, dir: u8, now: u64) -> ConnInfo {
     let mut info = zeroed_conn();
     info.start_ns = now;
     info.last_emit_ns = now;
     info.direction = dir;
     info.netns = netns_of(sk);
-    read_addresses(ctx, &mut info);
     info
 }
 
@@ -380,36 +510,78 @@ pub fn count_other(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The life cycle of every TCP connection (`sock:inet_sock_set_state`).
+/// The raw-tracepoint floor on `inet_sock_set_state`: counts every run, as the raw probe
+/// program does (it reads the protocol only where it creates an entry).
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn count_state_changes_raw(_ctx: RawTracePointContext) -> i32 {
+    count(counter::STATE_CHANGES);
+    0
+}
+
+/// The raw-tracepoint floor on the other tracepoints: counts every run.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn count_other_raw(_ctx: RawTracePointContext) -> i32 {
+    count(counter::FLOOR_OTHER);
+    0
+}
+
+/// Whether a state change needs more than counting: most transitions (FIN_WAIT*,
+/// CLOSE_WAIT, LAST_ACK, …) do not.
+#[inline(always)]
+fn wanted(newstate: i32) -> bool {
+    newstate == TCP_SYN_SENT || newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE
+}
+
+/// The life cycle of every TCP connection (`sock:inet_sock_set_state`), classic form.
 #[tracepoint]
 pub fn conn_state(ctx: TracePointContext) -> u32 {
-    let _ = try_conn_state(&ctx);
+    let protocol: u16 = field(&ctx, set_state::PROTOCOL);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    count(counter::STATE_CHANGES);
+    let newstate: i32 = field(&ctx, set_state::NEWSTATE);
+    if wanted(newstate) {
+        let sk: u64 = field(&ctx, set_state::SKADDR);
+        let oldstate: i32 = field(&ctx, set_state::OLDSTATE);
+        on_state_change(&Record(&ctx), sk, oldstate, newstate);
+    }
+    0
+}
+
+/// The life cycle of every TCP connection, raw form. Counts every state change the
+/// tracepoint reports (TCP, and the rare SCTP or MPTCP socket) without reading the protocol.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn conn_state_raw(ctx: RawTracePointContext) -> i32 {
+    count(counter::STATE_CHANGES);
+    let newstate = ctx.arg::<u64>(raw_arg::NEWSTATE) as i32;
+    if wanted(newstate) {
+        let sk: u64 = ctx.arg(raw_arg::SK);
+        let oldstate = ctx.arg::<u64>(raw_arg::OLDSTATE) as i32;
+        on_state_change(&Sock(sk), sk, oldstate, newstate);
+    }
     0
 }
 
 #[inline(always)]
-fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let protocol: u16 = field(ctx, set_state::PROTOCOL);
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+fn insert(sk: u64, info: &ConnInfo) {
+    if CONNS.insert(&sk, info, 0).is_err() {
+        count(counter::MAP_INSERT_FAILED);
     }
-    count(counter::STATE_CHANGES);
-    let newstate: i32 = field(ctx, set_state::NEWSTATE);
-    // Most transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, …) need nothing more.
-    if newstate != TCP_SYN_SENT && newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE {
-        return Ok(());
-    }
-    let sk: u64 = field(ctx, set_state::SKADDR);
-    let oldstate: i32 = field(ctx, set_state::OLDSTATE);
+}
+
+#[inline(always)]
+fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32) {
     let now = now();
     match newstate {
         TCP_SYN_SENT => {
-            // connect(): process context, the owner is current.
-            let mut info = new_conn(ctx, sk, direction::ACTIVE, now);
-            attribute(&mut info);
-            if CONNS.insert(&sk, &info, 0).is_err() {
-                count(counter::MAP_INSERT_FAILED);
+            if !source.is_tcp() {
+                return;
             }
+            // connect(): process context, the owner is current.
+            let mut info = new_conn(sk, direction::ACTIVE, now);
+            attribute(&mut info);
+            insert(sk, &info);
         }
         TCP_ESTABLISHED if oldstate == TCP_SYN_SENT => {
             let report_now = offsets().open_delay_ns == 0;
@@ -417,42 +589,47 @@ fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
                 // SAFETY: a pointer to the map value from the lookup above; entries are
                 // only touched by programs handling this socket, serialised by its lock.
                 let info = unsafe { &mut *ptr };
-                read_addresses(ctx, info);
+                source.read_addresses(info);
                 info.established = 1;
                 info.last_emit_ns = now;
                 if report_now {
                     info.opened = 1;
                     emit(sk, info, kind::OPEN, oldstate, now);
                 }
-            } else {
+            } else if source.is_tcp() {
                 // Not seen in SYN_SENT (map full or evicted): report it without a process.
-                let mut info = new_conn(ctx, sk, direction::ACTIVE, now);
+                let mut info = new_conn(sk, direction::ACTIVE, now);
+                source.read_addresses(&mut info);
                 info.established = 1;
                 if report_now {
                     info.opened = 1;
                     emit(sk, &info, kind::OPEN, oldstate, now);
                 }
-                if CONNS.insert(&sk, &info, 0).is_err() {
-                    count(counter::MAP_INSERT_FAILED);
-                }
+                insert(sk, &info);
             }
         }
         TCP_ESTABLISHED if oldstate == TCP_SYN_RECV => {
-            // Handshake completed in softirq: the accepting process is not known yet.
-            let mut info = new_conn(ctx, sk, direction::PASSIVE, now);
-            info.established = 1;
-            if CONNS.insert(&sk, &info, 0).is_err() {
-                count(counter::MAP_INSERT_FAILED);
+            if !source.is_tcp() {
+                return;
             }
+            // Handshake completed in softirq: the accepting process is not known yet.
+            let mut info = new_conn(sk, direction::PASSIVE, now);
+            source.read_addresses(&mut info);
+            info.established = 1;
+            insert(sk, &info);
         }
         TCP_CLOSE => {
             if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
                 // SAFETY: as above.
                 let info = unsafe { &mut *ptr };
-                read_addresses(ctx, info);
+                // Established connections have their final addresses; an active open that
+                // failed gets its local port read now.
+                if info.established == 0 {
+                    source.read_addresses(info);
+                }
                 emit(sk, info, kind::CLOSE, oldstate, now);
                 let _ = CONNS.remove(&sk);
-            } else if oldstate != TCP_SYN_RECV && oldstate != 10 {
+            } else if oldstate != TCP_SYN_RECV && oldstate != 10 && source.is_tcp() {
                 // Neither a listener nor a half-open passive socket: a connection we lost
                 // track of (evicted, or opened before the probe was attached).
                 count(counter::UNTRACKED);
@@ -460,20 +637,30 @@ fn try_conn_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         _ => {}
     }
-    Ok(())
 }
 
 /// Counts retransmitted segments per connection (`tcp:tcp_retransmit_skb`), for kernels where
 /// `tcp_sock.total_retrans` cannot be read.
 #[tracepoint]
 pub fn conn_retransmit(ctx: TracePointContext) -> u32 {
-    let sk: u64 = field(&ctx, RETRANSMIT_SKADDR);
+    on_retransmit(field(&ctx, RETRANSMIT_SKADDR));
+    0
+}
+
+/// [`conn_retransmit`], raw form.
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn conn_retransmit_raw(ctx: RawTracePointContext) -> i32 {
+    on_retransmit(ctx.arg(raw_arg::SK));
+    0
+}
+
+#[inline(always)]
+fn on_retransmit(sk: u64) {
     if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
         // SAFETY: map value pointer from the lookup; a lost increment under a race only
         // matters on kernels without BTF, where this count is used.
         unsafe { (*ptr).retransmits += 1 };
     }
-    0
 }
 
 /// `sock:sock_send_length` and `sock:sock_recv_length` (process context): attributes passive
@@ -482,12 +669,23 @@ pub fn conn_retransmit(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn conn_io(ctx: TracePointContext) -> u32 {
     let protocol: u16 = field(&ctx, IO_PROTOCOL);
-    if protocol != IPPROTO_TCP {
-        return 0;
+    if protocol == IPPROTO_TCP {
+        on_io(field(&ctx, IO_SK));
     }
-    let sk: u64 = field(&ctx, IO_SK);
+    0
+}
+
+/// [`conn_io`], raw form: no protocol check, the lookup finds TCP sockets only.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn conn_io_raw(ctx: RawTracePointContext) -> i32 {
+    on_io(ctx.arg(raw_arg::SK));
+    0
+}
+
+#[inline(always)]
+fn on_io(sk: u64) {
     let Some(ptr) = CONNS.get_ptr_mut(&sk) else {
-        return 0;
+        return;
     };
     // SAFETY: map value pointer from the lookup.
     let info = unsafe { &mut *ptr };
@@ -497,7 +695,7 @@ pub fn conn_io(ctx: TracePointContext) -> u32 {
     }
     if info.established == 0 {
         // TCP Fast Open data with the SYN: nothing to report before the handshake.
-        return 0;
+        return;
     }
     let off = offsets();
     if info.opened == 0 {
@@ -506,14 +704,13 @@ pub fn conn_io(ctx: TracePointContext) -> u32 {
             info.last_emit_ns = now;
             emit(sk, info, kind::OPEN, TCP_ESTABLISHED, now);
         }
-        return 0;
+        return;
     }
     let interval = off.update_interval_ns;
     if interval != 0 && now.wrapping_sub(info.last_emit_ns) >= interval {
         info.last_emit_ns = now;
         emit(sk, info, kind::UPDATE, TCP_ESTABLISHED, now);
     }
-    0
 }
 
 /// fexit on `inet_csk_accept`: the process that accepted a passive open.
