@@ -1095,28 +1095,7 @@ mod tests {
     use super::*;
 
     fn record(sk: u64) -> RawEvent {
-        let info = ConnInfo {
-            start_ns: 1,
-            last_emit_ns: 1,
-            cgroup_id: 0,
-            pid: 0,
-            tgid: 0,
-            comm: [0; 16],
-            retransmits: 0,
-            direction: 1,
-            opened: 0,
-            attributed: 0,
-            established: 1,
-            family: 2,
-            lport: 1,
-            rport: 2,
-            _pad2: [0; 2],
-            saddr: [0; 16],
-            daddr: [0; 16],
-            netns: 0,
-            _pad3: 0,
-        };
-        opens::open_from_entry(sk, &info, 2)
+        opens::open_from_entry(sk, &opens::tests::entry(1, 0), 2)
     }
 
     #[test]

@@ -157,10 +157,12 @@ pub(super) fn open_from_entry(sk: u64, info: &ConnInfo, now_ns: u64) -> RawEvent
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn entry(start_ns: u64, opened: u8) -> ConnInfo {
+    /// A `CONNS` entry of an attributed, established connection (shared with the probe
+    /// module's tests).
+    pub(in crate::probe) fn entry(start_ns: u64, opened: u8) -> ConnInfo {
         ConnInfo {
             start_ns,
             last_emit_ns: start_ns,
