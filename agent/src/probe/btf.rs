@@ -271,6 +271,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         }
     }
     offsets.set_sock_head();
+    offsets.set_counter_span();
     missing.sort_unstable();
     missing.dedup();
     Ok(KernelOffsets {
@@ -336,8 +337,7 @@ mod tests {
         );
         assert_eq!(k.offsets.skc_num, k.offsets.skc_dport + 2);
         // The counters are read as one span on this kernel.
-        let mut o = k.offsets;
-        o.set_counter_span();
+        let o = k.offsets;
         assert_ne!(o.counters_base, NO_OFFSET, "{o:?}");
         assert_eq!(o.counters_base % 8, 0);
         for (field, size) in [

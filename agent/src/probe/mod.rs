@@ -424,7 +424,6 @@ impl ProbeConfig {
         // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
-        offsets.set_counter_span();
         let mut mode = if self.raw_tracepoints {
             AttachMode::for_offsets(&offsets)
         } else {

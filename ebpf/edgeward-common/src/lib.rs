@@ -176,13 +176,9 @@ impl Offsets {
             (self.skc_v6_rcv_saddr, 16),
         ];
         self.sock_head_len = 0;
-        let mut end = 0u32;
-        for (offset, size) in fields {
-            if offset == NO_OFFSET {
-                return;
-            }
-            end = end.max(offset.saturating_add(size));
-        }
+        let Some((_, end)) = extent(&fields) else {
+            return;
+        };
         // The programs copy the IPv6 addresses as two 8-byte words.
         let aligned =
             self.skc_v6_daddr.is_multiple_of(8) && self.skc_v6_rcv_saddr.is_multiple_of(8);
@@ -211,21 +207,28 @@ impl Offsets {
         ];
         self.counters_base = NO_OFFSET;
         self.counters_len = 0;
-        let mut start = u32::MAX;
-        let mut end = 0;
-        for (offset, size) in fields {
-            if offset == NO_OFFSET {
-                return;
-            }
-            start = start.min(offset);
-            end = end.max(offset.saturating_add(size));
-        }
+        let Some((start, end)) = extent(&fields) else {
+            return;
+        };
         let start = start & !7;
         if end - start <= COUNTERS_SPAN_MAX as u32 {
             self.counters_base = start;
             self.counters_len = end - start;
         }
     }
+}
+
+/// The first and one-past-the-last byte of `(offset, size)` fields; `None` when an offset is
+/// unknown.
+fn extent(fields: &[(u32, u32)]) -> Option<(u32, u32)> {
+    let mut span = (u32::MAX, 0);
+    for &(offset, size) in fields {
+        if offset == NO_OFFSET {
+            return None;
+        }
+        span = (span.0.min(offset), span.1.max(offset.saturating_add(size)));
+    }
+    Some(span)
 }
 
 /// What the kernel keeps per in-flight connection (value of the `CONNS` LRU map, keyed by the

@@ -35,7 +35,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{fexit, map, raw_tracepoint, tracepoint},
@@ -168,13 +168,42 @@ fn offsets() -> Offsets {
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
+/// Reads `len` bytes of the socket from offset `base` into this CPU's scratch slot, for
+/// fields to be picked with [`span_ptr`]. `None` when the span is not set (`base` unknown or
+/// `len` 0) or cannot be read.
 #[inline(always)]
-fn read_kernel<T: Copy>(base: u64, offset: u32) -> Option<T> {
-    if offset == NO_OFFSET || base == 0 {
+fn read_span(sk: u64, base: u32, len: u32) -> Option<*const u8> {
+    if base == NO_OFFSET || len == 0 || len > COUNTERS_SPAN_MAX as u32 || sk == 0 {
         return None;
     }
-    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a bad one.
-    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+    let buf = SCRATCH.get_ptr_mut(0)? as *mut u8;
+    // SAFETY: `buf` is this CPU's scratch slot and `len` bytes fit in it; the helper checks
+    // the source address and fails cleanly on a bad one.
+    let ret = unsafe {
+        generated::bpf_probe_read_kernel(buf as *mut _, len, (sk + base as u64) as *const _)
+    };
+    (ret == 0).then_some(buf as *const u8)
+}
+
+/// Where the `size`-byte field at kernel offset `offset` lies in a span read from `base` by
+/// [`read_span`], if inside the first `max` bytes of the slot.
+#[inline(always)]
+fn span_ptr(buf: *const u8, base: u32, offset: u32, size: usize, max: usize) -> Option<*const u8> {
+    let rel = offset.wrapping_sub(base) as usize;
+    // SAFETY: `rel + size <= max`, inside the scratch slot (checked first).
+    (rel <= max - size).then(|| unsafe { buf.add(rel) })
+}
+
+/// The field at kernel offset `offset` of a span read from `base`.
+///
+/// # Safety
+/// `buf` comes from [`read_span`], and the field is naturally aligned in the kernel struct
+/// with `base` a multiple of its alignment, so the read is aligned.
+#[inline(always)]
+unsafe fn span_field<T: Copy>(buf: *const u8, base: u32, offset: u32, max: usize) -> Option<T> {
+    let p = span_ptr(buf, base, offset, core::mem::size_of::<T>(), max)?;
+    // SAFETY: inside the slot (`span_ptr`) and aligned (the caller).
+    Some(unsafe { core::ptr::read(p as *const T) })
 }
 
 /// `(srtt_us, mdev_us, bytes_acked, bytes_received, total_retrans)` from one read of the
@@ -182,42 +211,19 @@ fn read_kernel<T: Copy>(base: u64, offset: u32) -> Option<T> {
 /// not set or cannot be read (the caller then reads each field on its own).
 #[inline(always)]
 fn counters_from_span(sk: u64, off: &Offsets) -> Option<(u32, u32, u64, u64, u32)> {
-    let len = off.counters_len;
-    if off.counters_base == NO_OFFSET || len == 0 || len > COUNTERS_SPAN_MAX as u32 || sk == 0 {
-        return None;
+    let base = off.counters_base;
+    let buf = read_span(sk, base, off.counters_len)?;
+    const MAX: usize = COUNTERS_SPAN_MAX;
+    // SAFETY: the span starts 8-aligned (`Offsets::set_counter_span`).
+    unsafe {
+        Some((
+            span_field(buf, base, off.srtt_us, MAX)?,
+            span_field(buf, base, off.mdev_us, MAX)?,
+            span_field(buf, base, off.bytes_acked, MAX)?,
+            span_field(buf, base, off.bytes_received, MAX)?,
+            span_field(buf, base, off.total_retrans, MAX)?,
+        ))
     }
-    let buf = SCRATCH.get_ptr_mut(0)? as *mut u8;
-    // SAFETY: `buf` is this CPU's scratch slot, `len` bytes fit in it; the helper checks the
-    // source address and fails cleanly on a bad one.
-    let ret = unsafe {
-        generated::bpf_probe_read_kernel(
-            buf as *mut _,
-            len,
-            (sk + off.counters_base as u64) as *const _,
-        )
-    };
-    if ret != 0 {
-        return None;
-    }
-    Some((
-        span_field(buf, off.srtt_us, off)?,
-        span_field(buf, off.mdev_us, off)?,
-        span_field(buf, off.bytes_acked, off)?,
-        span_field(buf, off.bytes_received, off)?,
-        span_field(buf, off.total_retrans, off)?,
-    ))
-}
-
-/// The field at kernel offset `offset` inside the span read into `buf`.
-#[inline(always)]
-fn span_field<T: Copy>(buf: *const u8, offset: u32, off: &Offsets) -> Option<T> {
-    let rel = offset.wrapping_sub(off.counters_base) as usize;
-    if rel > COUNTERS_SPAN_MAX - core::mem::size_of::<T>() {
-        return None;
-    }
-    // SAFETY: `rel + size_of::<T>()` is inside the scratch slot (checked above); the span
-    // starts 8-aligned and kernel fields are naturally aligned, so the read is aligned.
-    Some(unsafe { core::ptr::read(buf.add(rel) as *const T) })
 }
 
 /// Reads the field at `base + offset` into `out`; false (and `out` untouched, or zeroed by
@@ -379,53 +385,39 @@ struct Sock(u64);
 impl Source for Sock {
     #[inline(always)]
     fn read_addresses(&self, info: &mut ConnInfo) {
-        let (sk, off) = (self.0, offsets());
-        let len = off.sock_head_len;
-        if len == 0 || len > SOCK_HEAD_MAX as u32 || sk == 0 {
-            return;
-        }
-        let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        let off = offsets();
+        // The head of the socket, from offset 0: `sock_common`.
+        let Some(buf) = read_span(self.0, 0, off.sock_head_len) else {
             return;
         };
-        let buf = buf as *mut u8;
-        // SAFETY: `buf` is this CPU's scratch slot (larger than SOCK_HEAD_MAX); the helper
-        // checks the source address and fails cleanly on a bad one.
-        if unsafe { generated::bpf_probe_read_kernel(buf as *mut _, len, sk as *const _) } != 0 {
-            return;
-        }
-        let head = |offset: u32, size: usize| -> Option<*const u8> {
-            let at = offset as usize;
-            // SAFETY (of the uses below): inside the slot, checked here.
-            (at <= SOCK_HEAD_MAX - size).then(|| unsafe { buf.add(at) } as *const u8)
-        };
-        // SAFETY: each pointer is inside the slot (checked by `head`); the fields are
-        // naturally aligned in the kernel struct and the slot, and the agent only sets
-        // `sock_head_len` when the IPv6 addresses are 8-aligned (see `copy16`).
+        const MAX: usize = SOCK_HEAD_MAX;
+        // SAFETY: the fields are naturally aligned in the kernel struct and the span starts
+        // at the socket itself; the agent only sets `sock_head_len` when the IPv6 addresses
+        // are 8-aligned, as `copy16` needs.
         unsafe {
-            let Some(family) = head(off.skc_family, 2) else {
+            let Some(family) = span_field::<u16>(buf, 0, off.skc_family, MAX) else {
                 return;
             };
-            let family = *(family as *const u16);
             info.family = family;
-            if let Some(p) = head(off.skc_dport, 2) {
-                info.rport = u16::from_be(*(p as *const u16));
+            if let Some(port) = span_field::<u16>(buf, 0, off.skc_dport, MAX) {
+                info.rport = u16::from_be(port);
             }
-            if let Some(p) = head(off.skc_num, 2) {
-                info.lport = *(p as *const u16);
+            if let Some(port) = span_field(buf, 0, off.skc_num, MAX) {
+                info.lport = port;
             }
             if family == AF_INET6 {
-                if let Some(p) = head(off.skc_v6_rcv_saddr, 16) {
+                if let Some(p) = span_ptr(buf, 0, off.skc_v6_rcv_saddr, 16, MAX) {
                     copy16(&mut info.saddr, p as *const [u8; 16]);
                 }
-                if let Some(p) = head(off.skc_v6_daddr, 16) {
+                if let Some(p) = span_ptr(buf, 0, off.skc_v6_daddr, 16, MAX) {
                     copy16(&mut info.daddr, p as *const [u8; 16]);
                 }
             } else {
-                if let Some(p) = head(off.skc_rcv_saddr, 4) {
-                    v4_mapped(*(p as *const u32), &mut info.saddr);
+                if let Some(addr) = span_field(buf, 0, off.skc_rcv_saddr, MAX) {
+                    v4_mapped(addr, &mut info.saddr);
                 }
-                if let Some(p) = head(off.skc_daddr, 4) {
-                    v4_mapped(*(p as *const u32), &mut info.daddr);
+                if let Some(addr) = span_field(buf, 0, off.skc_daddr, MAX) {
+                    v4_mapped(addr, &mut info.daddr);
                 }
             }
         }
@@ -433,7 +425,8 @@ impl Source for Sock {
 
     #[inline(always)]
     fn is_tcp(&self) -> bool {
-        read_kernel::<u16>(self.0, offsets().sk_protocol) == Some(IPPROTO_TCP)
+        let mut protocol = 0u16;
+        read_into(self.0, offsets().sk_protocol, &mut protocol) && protocol == IPPROTO_TCP
     }
 }
 
@@ -453,10 +446,11 @@ fn v4_mapped(addr: u32, dst: &mut [u8; 16]) {
 #[inline(always)]
 fn netns_of(sk: u64) -> u32 {
     let off = offsets();
-    match read_kernel::<u64>(sk, off.sk_net) {
-        Some(net) => read_kernel(net, off.net_inum).unwrap_or(0),
-        None => 0,
+    let (mut net, mut inum) = (0u64, 0u32);
+    if read_into(sk, off.sk_net, &mut net) {
+        read_into(net, off.net_inum, &mut inum);
     }
+    inum
 }
 
 /// An all-zero `ConnInfo`, written as volatile 8-byte stores. Zero initialisation that the
