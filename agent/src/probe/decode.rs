@@ -224,13 +224,8 @@ impl Comms {
 }
 
 /// Decodes one record. `flags` of the record says which fields the kernel could fill in;
-/// absent ones are zero.
-pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeError> {
-    decode_with(raw, clock, &mut Comms::default())
-}
-
-/// [`decode`], with process names shared through `comms`.
-pub fn decode_with(
+/// absent ones are zero. Process names are shared through `comms`.
+pub fn decode(
     raw: &RawEvent,
     clock: Clock,
     comms: &mut Comms,
@@ -324,7 +319,7 @@ mod tests {
 
     #[test]
     fn v4_mapped_addresses_become_ipv4() {
-        let ev = decode(&raw(), Clock::with_offset(1_000_000)).unwrap();
+        let ev = decode(&raw(), Clock::with_offset(1_000_000), &mut Comms::default()).unwrap();
         assert_eq!(ev.local, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(ev.peer, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(&*ev.comm, "curl");
@@ -336,10 +331,10 @@ mod tests {
     #[test]
     fn sequence_space_is_not_payload() {
         // Active open closed from LAST_ACK: SYN and FIN acked, peer FIN received.
-        let ev = decode(&raw(), Clock::with_offset(0)).unwrap();
+        let ev = decode(&raw(), Clock::with_offset(0), &mut Comms::default()).unwrap();
         let mut comms = Comms::default();
-        let a = decode_with(&raw(), Clock::with_offset(0), &mut comms).unwrap();
-        let b = decode_with(&raw(), Clock::with_offset(0), &mut comms).unwrap();
+        let a = decode(&raw(), Clock::with_offset(0), &mut comms).unwrap();
+        let b = decode(&raw(), Clock::with_offset(0), &mut comms).unwrap();
         assert!(Arc::ptr_eq(&a.comm, &b.comm), "one string for one name");
         assert_eq!(a, ev);
         assert_eq!((ev.bytes_sent, ev.bytes_received), (98, 199));
@@ -347,14 +342,14 @@ mod tests {
         let mut r = raw();
         r.direction = direction::PASSIVE;
         r.oldstate = 5;
-        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
         assert_eq!((ev.bytes_sent, ev.bytes_received), (99, 199));
         // Open event of an active open: only the SYN.
         r.direction = direction::ACTIVE;
         r.kind = kind::OPEN;
         r.bytes_acked = 1;
         r.bytes_received = 0;
-        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
         assert_eq!((ev.bytes_sent, ev.bytes_received), (0, 0));
     }
 
@@ -363,7 +358,7 @@ mod tests {
         let mut r = raw();
         r.family = 10;
         r.saddr = Ipv6Addr::LOCALHOST.octets();
-        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
         assert_eq!(ev.local, "[::1]:40000".parse().unwrap());
     }
 
@@ -383,7 +378,7 @@ mod tests {
     fn unattributed_records_carry_no_process() {
         let mut r = raw();
         r.flags = 0;
-        let ev = decode(&r, Clock::with_offset(0)).unwrap();
+        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
         assert_eq!((ev.pid, ev.tgid, &*ev.comm, ev.cgroup_id), (0, 0, "", 0));
     }
 
@@ -392,7 +387,7 @@ mod tests {
         assert_eq!(read_raw(&[0; 8]).unwrap_err(), DecodeError::Short(8));
         let mut r = raw();
         r.kind = 9;
-        assert!(decode(&r, Clock::with_offset(0)).is_err());
+        assert!(decode(&r, Clock::with_offset(0), &mut Comms::default()).is_err());
     }
 
     #[test]

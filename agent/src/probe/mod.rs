@@ -607,7 +607,6 @@ fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 /// tracepoints pays at least.
 pub struct FloorProbe {
     ebpf: Ebpf,
-    mode: AttachMode,
 }
 
 impl FloorProbe {
@@ -633,12 +632,7 @@ impl FloorProbe {
             };
             attach_tracepoint(&mut ebpf, mode, floor, hook)?;
         }
-        Ok(Self { ebpf, mode })
-    }
-
-    /// How its programs are attached (as the probe's would be on this kernel).
-    pub fn mode(&self) -> AttachMode {
-        self.mode
+        Ok(Self { ebpf })
     }
 
     /// Run counts and kernel run time of its programs (zero unless the kernel's BPF
@@ -757,14 +751,13 @@ impl Probe {
         let (Some(ring), Some(out_tx)) = (self.ring.take(), self.out_tx.take()) else {
             return;
         };
-        let (raw_tx, raw_rx, queued) = batches(self.config.channel_capacity, self.drops.clone());
-        let mut raw_tx = raw_tx;
+        let (mut raw_tx, raw_rx) = batches(self.config.channel_capacity, self.drops.clone());
         // The enrichment thread owns the only output sender: when it ends, consumers see the
         // channel close.
         let enrichment = {
             let drops = self.drops.clone();
             let cache = self.config.enrichment_cache_size;
-            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, queued, out_tx, drops, cache))
+            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, out_tx, drops, cache))
         };
         // The deprecated constructor is the safe one: AsyncFd owns the RingBuf, which owns the
         // fd, so the fd stays open for as long as it is registered (the I/O-safety concern
@@ -970,15 +963,31 @@ struct BatchSender {
     warned_full: bool,
 }
 
+/// The enrichment thread's end: taking a batch frees its records' room in the channel.
+struct BatchReceiver {
+    rx: mpsc::UnboundedReceiver<Vec<RawEvent>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl BatchReceiver {
+    /// The next batch, waiting for it; `None` once the sender is gone.
+    fn blocking_recv(&mut self) -> Option<Vec<RawEvent>> {
+        let batch = self.rx.blocking_recv()?;
+        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        Some(batch)
+    }
+
+    /// The next batch if one is waiting.
+    #[cfg(test)]
+    fn try_recv(&mut self) -> Option<Vec<RawEvent>> {
+        let batch = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        Some(batch)
+    }
+}
+
 /// A channel of record batches holding at most `capacity` records.
-fn batches(
-    capacity: usize,
-    drops: Arc<UserDrops>,
-) -> (
-    BatchSender,
-    mpsc::UnboundedReceiver<Vec<RawEvent>>,
-    Arc<AtomicUsize>,
-) {
+fn batches(capacity: usize, drops: Arc<UserDrops>) -> (BatchSender, BatchReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let sender = BatchSender {
@@ -989,7 +998,7 @@ fn batches(
         drops,
         warned_full: false,
     };
-    (sender, rx, queued)
+    (sender, BatchReceiver { rx, queued })
 }
 
 impl BatchSender {
@@ -1029,63 +1038,61 @@ impl BatchSender {
 
 /// Decodes and enriches records on a blocking thread (it reads /proc and cgroupfs).
 fn enrich_loop(
-    mut raw_rx: mpsc::UnboundedReceiver<Vec<RawEvent>>,
-    queued: Arc<AtomicUsize>,
+    mut raw_rx: BatchReceiver,
     out_tx: mpsc::Sender<ConnectionEvent>,
     drops: Arc<UserDrops>,
     cache_size: usize,
 ) {
-    let clock = decode::Clock::now();
-    let mut enricher = enrich::Enricher::new(cache_size);
-    let mut comms = decode::Comms::default();
-    let mut warned = false;
+    let mut enrichment = Enrichment {
+        clock: decode::Clock::now(),
+        enricher: enrich::Enricher::new(cache_size),
+        comms: decode::Comms::default(),
+        out_tx,
+        drops,
+        warned_full: false,
+    };
     while let Some(batch) = raw_rx.blocking_recv() {
-        queued.fetch_sub(batch.len(), Ordering::AcqRel);
-        for raw in batch {
-            enrich_one(
-                &raw,
-                clock,
-                &mut enricher,
-                &mut comms,
-                &out_tx,
-                &drops,
-                &mut warned,
-            );
+        for raw in &batch {
+            enrichment.one(raw);
         }
     }
 }
 
-/// Decodes, enriches and hands on one record.
-fn enrich_one(
-    raw: &RawEvent,
+/// What the enrichment thread keeps between records.
+struct Enrichment {
     clock: decode::Clock,
-    enricher: &mut enrich::Enricher,
-    comms: &mut decode::Comms,
-    out_tx: &mpsc::Sender<ConnectionEvent>,
-    drops: &UserDrops,
-    warned: &mut bool,
-) {
-    let mut event = match decode::decode_with(raw, clock, comms) {
-        Ok(e) => e,
-        Err(e) => {
-            drops.undecodable.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "undecodable probe record");
-            return;
-        }
-    };
-    enricher.enrich(&mut event);
-    match out_tx.try_send(event) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            drops.output_full.fetch_add(1, Ordering::Relaxed);
-            if !*warned {
-                *warned = true;
-                tracing::warn!("probe output channel full; dropping events (counted)");
+    enricher: enrich::Enricher,
+    comms: decode::Comms,
+    out_tx: mpsc::Sender<ConnectionEvent>,
+    drops: Arc<UserDrops>,
+    warned_full: bool,
+}
+
+impl Enrichment {
+    /// Decodes, enriches and hands on one record.
+    fn one(&mut self, raw: &RawEvent) {
+        let mut event = match decode::decode(raw, self.clock, &mut self.comms) {
+            Ok(e) => e,
+            Err(e) => {
+                self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "undecodable probe record");
+                return;
             }
+        };
+        self.enricher.enrich(&mut event);
+        match self.out_tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.drops.output_full.fetch_add(1, Ordering::Relaxed);
+                if !self.warned_full {
+                    self.warned_full = true;
+                    tracing::warn!("probe output channel full; dropping events (counted)");
+                }
+            }
+            // Nobody consumes any more (shutting down): keep draining so the reader never
+            // blocks, without counting losses that nobody would have seen.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
-        // Nobody consumes any more (shutting down): keep draining so the reader never
-        // blocks, without counting losses that nobody would have seen.
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 
@@ -1100,21 +1107,21 @@ mod tests {
     #[test]
     fn the_batch_channel_holds_at_most_its_capacity_in_records() {
         let drops = Arc::new(UserDrops::default());
-        let (mut tx, mut rx, queued) = batches(3, drops.clone());
+        let (mut tx, mut rx) = batches(3, drops.clone());
         tx.push(record(1));
         tx.push(record(2));
         tx.flush();
-        assert_eq!(queued.load(Ordering::Acquire), 2);
+        assert_eq!(rx.queued.load(Ordering::Acquire), 2);
         // Two more do not fit beside the two waiting: the whole batch is dropped, counted.
         tx.push(record(3));
         tx.push(record(4));
         tx.flush();
         assert_eq!(drops.reader_full.load(Ordering::Relaxed), 2);
+        // Taking a batch frees its room.
         let got = rx.try_recv().unwrap();
         assert_eq!(got.iter().map(|r| r.sk).collect::<Vec<_>>(), [1, 2]);
-        assert!(rx.try_recv().is_err(), "the dropped batch never arrives");
-        // The receiver frees room as it takes a batch (enrich_loop does this).
-        queued.fetch_sub(got.len(), Ordering::AcqRel);
+        assert!(rx.try_recv().is_none(), "the dropped batch never arrives");
+        assert_eq!(rx.queued.load(Ordering::Acquire), 0);
         // A full batch (the capacity, here 3) goes out without an explicit flush.
         for sk in 5..8 {
             tx.push(record(sk));
