@@ -17,25 +17,35 @@ pub struct BoundedCache<K, V> {
     map: HashMap<K, V, rustc_hash::FxBuildHasher>,
     order: VecDeque<K>,
     capacity: usize,
+    /// The entry found last: most lookups in a row are for the same few processes, and a
+    /// repeat skips the hashing.
+    last: Option<(K, V)>,
 }
 
-impl<K: Hash + Eq + Clone, V> BoundedCache<K, V> {
+impl<K: Hash + Eq + Clone, V: Clone> BoundedCache<K, V> {
     /// An empty cache of at most `capacity` entries (at least one).
     pub fn new(capacity: usize) -> Self {
         Self {
             map: HashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            last: None,
         }
     }
 
     /// The value for `key`.
-    pub fn get(&self, key: &K) -> Option<&V> {
-        self.map.get(key)
+    pub fn get(&mut self, key: &K) -> Option<&V> {
+        if !matches!(&self.last, Some((k, _)) if k == key) {
+            let value = self.map.get(key)?.clone();
+            self.last = Some((key.clone(), value));
+        }
+        self.last.as_ref().map(|(_, v)| v)
     }
 
     /// Inserts, evicting the oldest entry when full.
     pub fn insert(&mut self, key: K, value: V) {
+        // The remembered entry may be the one replaced or evicted.
+        self.last = None;
         if self.map.insert(key.clone(), value).is_none() {
             self.order.push_back(key);
             while self.order.len() > self.capacity {
@@ -112,11 +122,6 @@ pub struct Enricher {
     cgroup_root: PathBuf,
     executables: BoundedCache<(u32, Arc<str>), Option<Arc<str>>>,
     cgroups: BoundedCache<u64, CgroupInfo>,
-    /// The last executable found (tgid, comm, name): most events in a row come from the
-    /// same few processes, and this spares them the hash lookup.
-    last_executable: Option<(u32, Arc<str>, Arc<str>)>,
-    /// The last cgroup looked up.
-    last_cgroup: Option<(u64, CgroupInfo)>,
     /// Walks of cgroupfs so far.
     scans: u64,
 }
@@ -140,8 +145,6 @@ impl Enricher {
             cgroup_root,
             executables: BoundedCache::new(cache_size),
             cgroups: BoundedCache::new(cache_size),
-            last_executable: None,
-            last_cgroup: None,
             scans: 0,
         }
     }
@@ -159,18 +162,9 @@ impl Enricher {
     }
 
     fn executable(&mut self, tgid: u32, comm: &Arc<str>) -> Option<Arc<str>> {
-        if let Some((t, c, exe)) = &self.last_executable
-            && *t == tgid
-            && (Arc::ptr_eq(c, comm) || c == comm)
-        {
-            return Some(exe.clone());
-        }
         // Keyed with comm too, so a reused pid running something else is looked up again.
         let key = (tgid, comm.clone());
         if let Some(hit) = self.executables.get(&key) {
-            if let Some(exe) = hit {
-                self.last_executable = Some((tgid, comm.clone(), exe.clone()));
-            }
             return hit.clone();
         }
         let exe = std::fs::read_link(self.proc_root.join(tgid.to_string()).join("exe"))
@@ -181,23 +175,15 @@ impl Enricher {
             });
         // A process that already exited is not cached: it may still be found next time only
         // if the pid is reused, which the comm key covers.
-        if let Some(name) = &exe {
+        if exe.is_some() {
             self.executables.insert(key, exe.clone());
-            self.last_executable = Some((tgid, comm.clone(), name.clone()));
         }
         exe
     }
 
     fn cgroup(&mut self, id: u64) -> CgroupInfo {
-        if let Some((last, info)) = &self.last_cgroup
-            && *last == id
-        {
-            return info.clone();
-        }
         if let Some(hit) = self.cgroups.get(&id) {
-            let info = hit.clone();
-            self.last_cgroup = Some((id, info.clone()));
-            return info;
+            return hit.clone();
         }
         // One walk of cgroupfs per cgroup never seen before (cgroup ids are not reused within
         // a boot); the walk caches what it finds on the way, and a miss is cached too.
@@ -215,7 +201,6 @@ impl Enricher {
             }
         });
         self.cgroups.insert(id, found.clone());
-        self.last_cgroup = Some((id, found.clone()));
         found
     }
 }
