@@ -5,7 +5,10 @@ use std::{
     hash::{Hash as _, Hasher as _},
     io::Write as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -186,24 +189,23 @@ impl std::fmt::Debug for PluginRuntime {
 /// ticker never cuts a call short and never lets one run past its deadline by more than
 /// the tick it takes to wake.
 struct EpochTicker {
-    in_flight: std::sync::atomic::AtomicUsize,
+    /// Plugin calls in flight. The thread holds it weakly: when the runtime goes, so does
+    /// the thread.
+    in_flight: Arc<AtomicUsize>,
     thread: std::thread::Thread,
 }
 
 impl EpochTicker {
     fn start(engine: &Engine) -> std::io::Result<Arc<Self>> {
-        let weak = engine.weak();
-        let (tx, rx) = std::sync::mpsc::channel::<Arc<Self>>();
+        let engine = engine.weak();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::downgrade(&in_flight);
         let handle = std::thread::Builder::new()
             .name("edgeward-epoch".to_owned())
             .spawn(move || {
-                let Ok(ticker) = rx.recv() else { return };
-                let ticker = Arc::downgrade(&ticker);
-                loop {
-                    // Both the ticker and the engine go when the runtime is dropped.
-                    let Some(t) = ticker.upgrade() else { return };
-                    let idle = t.in_flight.load(std::sync::atomic::Ordering::Acquire) == 0;
-                    drop(t);
+                while let Some(calls) = calls.upgrade() {
+                    let idle = calls.load(Ordering::Acquire) == 0;
+                    drop(calls);
                     if idle {
                         // `busy` unparks; the timeout only bounds how long a dropped runtime
                         // keeps this thread.
@@ -211,27 +213,20 @@ impl EpochTicker {
                         continue;
                     }
                     std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
+                    match engine.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => return,
                     }
                 }
             })?;
-        let ticker = Arc::new(Self {
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+        Ok(Arc::new(Self {
+            in_flight,
             thread: handle.thread().clone(),
-        });
-        // The thread holds only a weak reference, so it never keeps the runtime alive.
-        let _ = tx.send(ticker.clone());
-        Ok(ticker)
+        }))
     }
 
     fn busy(self: &Arc<Self>) -> TickGuard {
-        if self
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-            == 0
-        {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.thread.unpark();
         }
         TickGuard(self.clone())
@@ -243,9 +238,7 @@ pub(crate) struct TickGuard(Arc<EpochTicker>);
 
 impl Drop for TickGuard {
     fn drop(&mut self) {
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
