@@ -38,36 +38,70 @@ pub struct KernelOffsets {
     pub missing_fields: Vec<&'static str>,
 }
 
-/// The event fields that need BTF offsets, and the struct paths they come from.
-const FIELDS: &[(&str, &str, &[&str])] = &[
-    ("tcp_sock", "srtt_us", &["srtt_us"]),
-    ("tcp_sock", "mdev_us", &["rttvar_us"]),
-    ("tcp_sock", "bytes_acked", &["bytes_sent"]),
-    ("tcp_sock", "bytes_received", &["bytes_received"]),
-    ("tcp_sock", "total_retrans", &[]),
-    (
+/// A kernel struct field the probe reads: struct, member path, the event fields left empty
+/// without it, and where its offset goes.
+struct Field {
+    ty: &'static str,
+    path: &'static str,
+    loses: &'static [&'static str],
+    slot: fn(&mut Offsets) -> &mut u32,
+}
+
+macro_rules! field {
+    ($ty:literal, $path:literal, $loses:expr, $slot:ident) => {
+        Field {
+            ty: $ty,
+            path: $path,
+            loses: $loses,
+            slot: |o| &mut o.$slot,
+        }
+    };
+}
+
+/// The fields that need BTF offsets.
+const FIELDS: &[Field] = &[
+    field!("tcp_sock", "srtt_us", &["srtt_us"], srtt_us),
+    field!("tcp_sock", "mdev_us", &["rttvar_us"], mdev_us),
+    field!("tcp_sock", "bytes_acked", &["bytes_sent"], bytes_acked),
+    field!(
+        "tcp_sock",
+        "bytes_received",
+        &["bytes_received"],
+        bytes_received
+    ),
+    field!("tcp_sock", "total_retrans", &[], total_retrans),
+    field!(
         "sock",
         "sk_err",
         &["close_reason (refused/timed_out/reset by peer)"],
+        sk_err
     ),
-    ("sock", "__sk_common.skc_net.net", &["netns"]),
-    ("net", "ns.inum", &["netns"]),
+    field!("sock", "__sk_common.skc_net.net", &["netns"], sk_net),
+    field!("net", "ns.inum", &["netns"], net_inum),
     // The raw-tracepoint programs read these from the socket. Without any of them the
     // classic tracepoints run instead, which find them in the tracepoint record: no event
     // field is lost.
-    ("sock", "sk_protocol", &[]),
-    ("sock", "__sk_common.skc_family", &[]),
-    ("sock", "__sk_common.skc_dport", &[]),
-    ("sock", "__sk_common.skc_num", &[]),
-    ("sock", "__sk_common.skc_daddr", &[]),
-    ("sock", "__sk_common.skc_rcv_saddr", &[]),
-    ("sock", "__sk_common.skc_v6_daddr", &[]),
-    ("sock", "__sk_common.skc_v6_rcv_saddr", &[]),
+    field!("sock", "sk_protocol", &[], sk_protocol),
+    field!("sock", "__sk_common.skc_family", &[], skc_family),
+    field!("sock", "__sk_common.skc_dport", &[], skc_dport),
+    field!("sock", "__sk_common.skc_num", &[], skc_num),
+    field!("sock", "__sk_common.skc_daddr", &[], skc_daddr),
+    field!("sock", "__sk_common.skc_rcv_saddr", &[], skc_rcv_saddr),
+    field!("sock", "__sk_common.skc_v6_daddr", &[], skc_v6_daddr),
+    field!(
+        "sock",
+        "__sk_common.skc_v6_rcv_saddr",
+        &[],
+        skc_v6_rcv_saddr
+    ),
 ];
 
 /// Every field that needs BTF: what the probe lacks when there is none at all.
 pub fn all_btf_fields() -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = FIELDS.iter().flat_map(|f| f.2.iter().copied()).collect();
+    let mut out: Vec<&'static str> = FIELDS
+        .iter()
+        .flat_map(|f| f.loses.iter().copied())
+        .collect();
     out.sort_unstable();
     out.dedup();
     out
@@ -237,36 +271,18 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
     })?;
     let mut offsets = Offsets::UNKNOWN;
     let mut missing = Vec::new();
-    for &(ty, field, event_fields) in FIELDS {
-        let found = types.offset_of(ty, field);
-        let slot = match (ty, field) {
-            ("tcp_sock", "srtt_us") => &mut offsets.srtt_us,
-            ("tcp_sock", "mdev_us") => &mut offsets.mdev_us,
-            ("tcp_sock", "bytes_acked") => &mut offsets.bytes_acked,
-            ("tcp_sock", "bytes_received") => &mut offsets.bytes_received,
-            ("tcp_sock", "total_retrans") => &mut offsets.total_retrans,
-            ("sock", "sk_err") => &mut offsets.sk_err,
-            ("sock", "__sk_common.skc_net.net") => &mut offsets.sk_net,
-            ("net", _) => &mut offsets.net_inum,
-            ("sock", "sk_protocol") => &mut offsets.sk_protocol,
-            ("sock", "__sk_common.skc_family") => &mut offsets.skc_family,
-            ("sock", "__sk_common.skc_dport") => &mut offsets.skc_dport,
-            ("sock", "__sk_common.skc_num") => &mut offsets.skc_num,
-            ("sock", "__sk_common.skc_daddr") => &mut offsets.skc_daddr,
-            ("sock", "__sk_common.skc_rcv_saddr") => &mut offsets.skc_rcv_saddr,
-            ("sock", "__sk_common.skc_v6_daddr") => &mut offsets.skc_v6_daddr,
-            _ => &mut offsets.skc_v6_rcv_saddr,
-        };
-        match found {
+    for f in FIELDS {
+        let slot = (f.slot)(&mut offsets);
+        match types.offset_of(f.ty, f.path) {
             Some(n) => *slot = n,
             None => {
                 tracing::warn!(
-                    r#type = ty,
-                    field,
+                    r#type = f.ty,
+                    field = f.path,
                     "kernel BTF lacks a field the probe reads"
                 );
                 *slot = NO_OFFSET;
-                missing.extend_from_slice(event_fields);
+                missing.extend_from_slice(f.loses);
             }
         }
     }
