@@ -343,7 +343,7 @@ fn retransmits_are_counted_on_a_lossy_path_and_not_on_a_clean_one() {
     assert_eq!(retrans[1], 0, "clean connection: {retrans:?}");
 }
 
-/// `rtt:SRTT/RTTVAR` (milliseconds) of the established socket on local port `port`.
+/// `rtt:SRTT/RTTVAR` (milliseconds) of the established socket connected to peer port `port`.
 fn ss_rtt(port: u16) -> (f64, f64) {
     let out = support::probe::run(
         "ss",
@@ -351,7 +351,7 @@ fn ss_rtt(port: u16) -> (f64, f64) {
             "-tinH",
             "state",
             "established",
-            "sport",
+            "dport",
             "=",
             &format!(":{port}"),
         ],
@@ -368,31 +368,32 @@ fn ss_rtt(port: u16) -> (f64, f64) {
 fn rtt_of_a_live_connection_agrees_with_ss() {
     let probe = RunningProbe::start(ProbeConfig {
         update_interval: Duration::from_millis(200),
-        // The poke comes about half a second after the open; updates start after the open.
-        open_delay: Duration::ZERO,
         ..ProbeConfig::default()
     });
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
     let port = echo.port();
     let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
     assert_eq!(pinger.line(), "idle");
-    // Let delayed ACKs settle: the server's srtt stays put while nothing is in flight.
+    // Let delayed ACKs settle: the client's srtt stays put while nothing is in flight, and
+    // the sweep keeps writing updates of the idle connection.
     std::thread::sleep(Duration::from_millis(400));
     let (srtt_ms, var_ms) = ss_rtt(port);
     let asked = unix_now();
-    pinger.send_line("poke");
-    assert_eq!(pinger.line(), "done");
-    let epid = echo.pid();
-    let events = probe.wait_events(port, WAIT, "an update of the live connection", |e| {
-        e.iter()
-            .any(|e| e.kind == EventKind::Update && e.tgid == epid && e.end_unix_nanos >= asked)
+    let ppid = pinger.pid();
+    let is_update = |e: &ConnectionEvent| {
+        e.kind == EventKind::Update && e.tgid == ppid && e.end_unix_nanos >= asked
+    };
+    let events = probe.wait_events(port, WAIT, "an update of the idle connection", |e| {
+        e.iter().any(is_update)
     });
-    let update = events
-        .iter()
-        .find(|e| e.kind == EventKind::Update && e.tgid == epid && e.end_unix_nanos >= asked)
-        .unwrap();
+    let update = events.iter().find(|e| is_update(e)).unwrap();
     assert_eq!(update.close_reason, CloseReason::Open);
-    assert_eq!(update.bytes_received, 20 * 4 + 4, "{update:#?}");
+    assert_eq!(update.direction, Direction::Active);
+    assert_eq!(
+        (update.bytes_sent, update.bytes_received),
+        (20 * 4, 20 * 4),
+        "{update:#?}"
+    );
     let ours = (
         update.srtt_us as f64 / 1000.0,
         update.rttvar_us as f64 / 1000.0,
@@ -402,8 +403,62 @@ fn rtt_of_a_live_connection_agrees_with_ss() {
         "probe rtt {ours:?} ms vs ss {:?} ms: {update:#?}",
         (srtt_ms, var_ms)
     );
+    // Its open came first, once, with the same connection id.
+    let opens = of_kind(&events, EventKind::Open, ppid);
+    assert_eq!(opens.len(), 1, "{events:#?}");
+    assert_eq!(opens[0].conn_id, update.conn_id);
+    let first = |kind| events.iter().position(|e| e.kind == kind && e.tgid == ppid);
+    assert!(
+        first(EventKind::Open) < first(EventKind::Update),
+        "{events:#?}"
+    );
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
     pinger.send_line("bye");
     pinger.finish();
+    drop(echo);
+}
+
+#[test]
+fn passive_opens_on_a_listener_older_than_the_probe_carry_its_owner() {
+    // The server listens before the probe starts: the probe finds the listener in /proc.
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let probe = RunningProbe::start(ProbeConfig {
+        update_interval: Duration::from_millis(200),
+        ..ProbeConfig::default()
+    });
+    let epid = echo.pid();
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    // The server end is live, has been open longer than `open_delay`, and has never been
+    // closed: its open and updates come from the sweep, with the listener's owner.
+    let events = probe.wait_events(port, WAIT, "the server end's open and an update", |e| {
+        !of_kind(e, EventKind::Open, epid).is_empty()
+            && !of_kind(e, EventKind::Update, epid).is_empty()
+    });
+    assert!(
+        of_kind(&events, EventKind::Close, epid).is_empty(),
+        "{events:#?}"
+    );
+    for e in of_kind(&events, EventKind::Open, epid)
+        .into_iter()
+        .chain(of_kind(&events, EventKind::Update, epid))
+    {
+        assert_eq!(e.direction, Direction::Passive, "{e:#?}");
+        assert_eq!(e.local.port(), port, "{e:#?}");
+        assert_eq!((e.pid, &*e.comm), (epid, "ew-echo"), "{e:#?}");
+        assert!(e.cgroup_id != 0, "{e:#?}");
+    }
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    pinger.send_line("bye");
+    pinger.finish();
+    let events = probe.wait_events(port, WAIT, "the server end's close", |e| {
+        closes_by(e, epid) == 1
+    });
+    let opens = of_kind(&events, EventKind::Open, epid);
+    assert_eq!(opens.len(), 1, "{events:#?}");
     drop(echo);
 }
 
@@ -612,10 +667,13 @@ fn connections_are_enriched_with_executable_container_and_pod_from_cgroupfs() {
         ),
         format!("cri-containerd-{container}.scope"),
     ]);
-    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
-    let port = echo.port();
+    // Into the workload's cgroup before it listens, as a container runtime starts it: the
+    // owner of its passive opens is recorded at `listen()`.
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1", "wait"]);
     let epid = echo.pid();
     cgroup.add(epid);
+    echo.send_line("listen");
+    let port = echo.port();
     let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
     assert_eq!(pinger.line(), "idle");
     pinger.send_line("poke");

@@ -6,8 +6,10 @@
                               which sends a RST. Prints "done" at the end.
   client HOST PORT N TX RX   N times: connect, send TX bytes, read RX bytes, close. A refused
                               or reset connection prints "refused"/"reset" and continues.
-  echo HOST                  listen, print the port, accept one connection, echo every message
-                              until EOF.
+  echo HOST [wait]           listen, print the port, accept one connection, echo every message
+                              until EOF. With "wait", read a line from stdin before listening
+                              (the test moves the process into a cgroup first, as a container
+                              runtime does before the workload starts).
   pinger HOST PORT           connect, 20 ping-pongs, print "idle", wait for a line on stdin,
                               send one more message ("poke"), read its echo, print "done",
                               wait for a line on stdin, close.
@@ -79,8 +81,10 @@ def client(host, port, n, tx, rx):
     print("done", flush=True)
 
 
-def echo(host):
+def echo(host, wait=False):
     name("ew-echo")
+    if wait:
+        sys.stdin.readline()
     s = listen(host)
     c, _ = s.accept()
     while True:
@@ -113,7 +117,7 @@ if __name__ == "__main__":
     elif role == "client":
         client(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]))
     elif role == "echo":
-        echo(args[0])
+        echo(args[0], args[1:] == ["wait"])
     elif role == "pinger":
         pinger(args[0], int(args[1]))
     else:

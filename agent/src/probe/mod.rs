@@ -1,6 +1,8 @@
 //! The eBPF TCP probe: loads edgeward's kernel programs (embedded in the binary at build time),
-//! attaches them to kernel tracepoints and an fexit trampoline, and turns what they report into
-//! enriched [`ConnectionEvent`]s.
+//! attaches them to kernel tracepoints (and an fexit trampoline where the kernel allows one),
+//! and turns what they report into enriched [`ConnectionEvent`]s. Connections that live longer
+//! than `open_delay` are found by a sweep of the kernel's connection map, which also has the
+//! kernel write their periodic updates (`conn_report`, run on demand).
 //!
 //! Data path: ring buffer reader (never blocks) → bounded channel → enrichment thread →
 //! bounded channel out ([`Probe::take_events`]). Full channel = the event is dropped and
@@ -14,6 +16,7 @@ pub mod btf;
 pub mod decode;
 pub mod enrich;
 pub mod event;
+pub mod listeners;
 mod opens;
 
 use std::{
@@ -28,9 +31,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FExit, ProgramError, RawTracePoint, TracePoint},
+    programs::{FExit, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
 };
-use edgeward_common::{ConnInfo, Offsets, RawEvent, counter};
+use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, Owner, RawEvent, counter, report};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -62,15 +65,16 @@ pub struct ProbeConfig {
     /// Connections tracked in flight by the kernel (LRU map entries, 104 bytes each). A
     /// connection evicted while open is counted as a loss when it closes.
     pub max_connections: u32,
-    /// How often an open connection reports its counters (an `update` event, written on its
-    /// next send or receive once this much time has passed). "0s" turns updates off.
+    /// How often an open connection reports its counters (an `update` event). The agent's
+    /// sweep of the kernel's connection map has the kernel read them when they are due, so a
+    /// connection is updated whether or not it carries traffic. "0s" turns updates off.
     #[serde(with = "crate::config::serde_duration")]
     pub update_interval: Duration,
     /// A connection's open event waits this long: one that closes sooner is reported with
     /// its open and close together (one kernel record per end instead of two, the cheaper
-    /// path for short connections); a longer one is reported at its first send or receive
-    /// after the delay, or by a sweep of the kernel's connection map if it is idle. "0s"
-    /// reports every open as it happens.
+    /// path for short connections); a longer one is reported by the sweep of the kernel's
+    /// connection map, which runs at this pace (at most once a second, more often only when
+    /// `update_interval` is shorter). "0s" reports every open as it happens.
     #[serde(with = "crate::config::serde_duration")]
     pub open_delay: Duration,
     /// Capacity of each of the two bounded channels (reader → enrichment → consumer).
@@ -185,6 +189,12 @@ pub enum ProbeError {
         /// Why, including the verifier output when the kernel rejected it.
         source: ProgramError,
     },
+    /// `conn_report`, run on no connection at start, did not answer "gone".
+    #[error(
+        "eBPF program `conn_report` answered {0} for no connection (expected {gone})",
+        gone = report::GONE
+    )]
+    ReportCheck(u32),
     /// The ring buffer could not be registered with the async runtime.
     #[error("polling the eBPF ring buffer: {0}")]
     Poll(std::io::Error),
@@ -212,45 +222,41 @@ struct Hook {
     classic: &'static str,
     /// The same program in raw form (given the tracepoint's arguments).
     raw: &'static str,
+    /// The benchmark floor's counting programs for this tracepoint (classic, raw).
+    floor: (&'static str, &'static str),
     category: &'static str,
     name: &'static str,
     /// What is lost without it; `None` = required.
     loses: Option<&'static str>,
 }
 
-const IO_LOSES: Option<&str> =
-    Some("update events; pid/comm of passive opens without the accept hook");
+const STATE_HOOK: Hook = Hook {
+    classic: "conn_state",
+    raw: "conn_state_raw",
+    floor: ("count_state_changes", "count_state_changes_raw"),
+    category: "sock",
+    name: "inet_sock_set_state",
+    loses: None,
+};
 
-const TRACEPOINTS: &[Hook] = &[
-    Hook {
-        classic: "conn_state",
-        raw: "conn_state_raw",
-        category: "sock",
-        name: "inet_sock_set_state",
-        loses: None,
-    },
-    Hook {
-        classic: "conn_retransmit",
-        raw: "conn_retransmit_raw",
-        category: "tcp",
-        name: "tcp_retransmit_skb",
-        loses: Some("retransmits (without BTF)"),
-    },
-    Hook {
-        classic: "conn_io",
-        raw: "conn_io_raw",
-        category: "sock",
-        name: "sock_send_length",
-        loses: IO_LOSES,
-    },
-    Hook {
-        classic: "conn_io",
-        raw: "conn_io_raw",
-        category: "sock",
-        name: "sock_recv_length",
-        loses: IO_LOSES,
-    },
-];
+/// Needed only where BTF does not give `tcp_sock.total_retrans`: a run per retransmitted
+/// segment, to count what the close record would otherwise read.
+const RETRANSMIT_HOOK: Hook = Hook {
+    classic: "conn_retransmit",
+    raw: "conn_retransmit_raw",
+    floor: ("count_other", "count_other_raw"),
+    category: "tcp",
+    name: "tcp_retransmit_skb",
+    loses: Some("retransmits (without BTF)"),
+};
+
+/// The tracepoints the probe needs on a kernel with these offsets.
+fn hooks(offsets: &Offsets) -> impl Iterator<Item = &'static Hook> {
+    let retransmits = offsets.total_retrans == NO_OFFSET;
+    [&STATE_HOOK, &RETRANSMIT_HOOK]
+        .into_iter()
+        .filter(move |hook| hook.name != RETRANSMIT_HOOK.name || retransmits)
+}
 
 /// How the programs attach to their tracepoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +286,13 @@ impl AttachMode {
         }
     }
 
+    fn floor(self, hook: &Hook) -> &'static str {
+        match self {
+            Self::Raw => hook.floor.1,
+            Self::Classic => hook.floor.0,
+        }
+    }
+
     /// As logs and docs name it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -297,7 +310,13 @@ const READ_PERIOD: Duration = Duration::from_millis(50);
 const ACCEPT_PROGRAM: &str = "conn_accept";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 /// What is lost without the accept hook.
-const PASSIVE_WITHOUT_IO: &str = "pid/comm of passive opens closed before any send/recv";
+const PASSIVE_UNTIL_CLOSE: &str =
+    "pid/comm of a passive open before its owner closes it (its open and update events have none)";
+
+/// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's update written.
+const REPORT_PROGRAM: &str = "conn_report";
+/// What is lost when the kernel cannot run it.
+const NO_UPDATES: &str = "update events of open connections";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
@@ -345,6 +364,8 @@ pub struct Probe {
     status: StatusHandle,
     missing: Vec<&'static str>,
     metrics: Option<ProbeMetrics>,
+    /// A failed `conn_report` run was logged (then only counted by its absence).
+    warned_report: bool,
 }
 
 #[derive(Clone, Default)]
@@ -420,7 +441,6 @@ impl ProbeConfig {
                 (Offsets::UNKNOWN, btf::all_btf_fields(), vec![e.to_string()])
             }
         };
-        offsets.update_interval_ns = u64::try_from(self.update_interval.as_nanos()).unwrap_or(0);
         // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
@@ -442,13 +462,23 @@ impl ProbeConfig {
             notes.push(e);
             missing.push(loses);
         }
+        seed_listeners(&mut ebpf);
+        // Updates are written by a program the sweep runs; a kernel that cannot run it on
+        // demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no updates.
+        let updates = !self.update_interval.is_zero();
+        if updates && let Err(e) = load_report(&mut ebpf) {
+            let e = error_chain(&e);
+            tracing::warn!(error = %e, "update events unavailable");
+            notes.push(e);
+            missing.push(NO_UPDATES);
+        }
         // The accept hook is an improvement, not a requirement: without it a passive open is
-        // attributed at its first send or receive, in the owning process's context.
+        // attributed when its owner closes it.
         let degraded = !missing.is_empty();
         let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
         if let Err(e) = &accept_hook {
-            tracing::warn!(error = %e, "accept hook unavailable; passive opens are attributed at their first send or receive");
-            missing.push(PASSIVE_WITHOUT_IO);
+            tracing::info!(error = %e, "accept hook unavailable; passive opens are attributed when their owner closes them");
+            missing.push(PASSIVE_UNTIL_CLOSE);
         }
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -494,7 +524,7 @@ impl ProbeConfig {
             }
         });
         tracing::info!(
-            programs = TRACEPOINTS.len() + 1,
+            tracepoints = hooks(&offsets).count(),
             attach = mode.as_str(),
             missing = missing.len(),
             "eBPF probe loaded and attached"
@@ -511,11 +541,22 @@ impl ProbeConfig {
             status: status.clone(),
             missing,
             metrics: None,
+            warned_report: false,
         })
     }
 }
 
 impl ProbeConfig {
+    /// How often the agent sweeps the kernel's connection map: at the pace of `open_delay`
+    /// but at most once a second, or of `update_interval` when that is shorter; `None` when
+    /// neither needs a sweep.
+    fn sweep_period(&self) -> Option<Duration> {
+        let opens =
+            (!self.open_delay.is_zero()).then(|| self.open_delay.max(Duration::from_secs(1)));
+        let updates = (!self.update_interval.is_zero()).then_some(self.update_interval);
+        opens.into_iter().chain(updates).min()
+    }
+
     /// Loads the programs and attaches them in `mode`. Returns the optional tracepoints that
     /// failed, each with the error and what it costs.
     #[allow(clippy::type_complexity)]
@@ -530,7 +571,7 @@ impl ProbeConfig {
             .map_max_entries("CONNS", self.max_connections)
             .load(PROGRAMS)?;
         let mut lost = Vec::new();
-        for hook in TRACEPOINTS {
+        for hook in hooks(offsets) {
             let program = mode.program(hook);
             match (
                 attach_tracepoint(&mut ebpf, mode, program, hook),
@@ -583,6 +624,71 @@ fn attach_tracepoint(
     Ok(())
 }
 
+/// Writes the listeners that were open before the probe into the kernel's `LISTENERS` map,
+/// so that their passive opens are attributed from the handshake on. An entry the programs
+/// wrote meanwhile (a `listen()` since they were attached) is newer and stays.
+fn seed_listeners(ebpf: &mut Ebpf) {
+    let Some(map) = ebpf.map_mut("LISTENERS") else {
+        tracing::warn!(
+            "eBPF map LISTENERS missing; older listeners' passive opens are attributed when closed"
+        );
+        return;
+    };
+    let mut map = match BpfHashMap::<_, u64, Owner>::try_from(map) {
+        Ok(map) => map,
+        Err(e) => {
+            tracing::warn!(error = %e, "eBPF map LISTENERS unusable; older listeners' passive opens are attributed when closed");
+            return;
+        }
+    };
+    let cgroup_root = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| enrich::cgroup2_mount(&m))
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
+    let found = listeners::scan(std::path::Path::new("/proc"), &cgroup_root);
+    let mut seeded = 0usize;
+    for listener in &found {
+        // BPF_NOEXIST: fails, as wanted, where the programs already know the port.
+        if map.insert(listener.key(), listener.owner, 1).is_ok() {
+            seeded += 1;
+        }
+    }
+    tracing::info!(
+        listeners = found.len(),
+        seeded,
+        "owners of the listening sockets open before the probe recorded"
+    );
+}
+
+/// Loads `conn_report` and runs it once on no connection, which it must answer "gone": the
+/// kernel runs it on demand.
+fn load_report(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let err = |source| ProbeError::Program {
+        program: REPORT_PROGRAM,
+        attach_point: "BPF_PROG_TEST_RUN".to_owned(),
+        source,
+    };
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(REPORT_PROGRAM)
+        .ok_or(ProbeError::MissingProgram(REPORT_PROGRAM))?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    match run_report(prog, 0, 0).map_err(err)? {
+        report::GONE => Ok(()),
+        other => Err(ProbeError::ReportCheck(other)),
+    }
+}
+
+/// Has the kernel write an update record for the connection at `sk` that started at
+/// `start_ns`; returns a [`report`] code.
+fn run_report(prog: &RawTracePoint, sk: u64, start_ns: u64) -> Result<u32, ProgramError> {
+    let mut opts = RawTracePointRunOptions::new();
+    opts.args[0] = sk;
+    opts.args[1] = start_ns;
+    Ok(prog.test_run(opts)?.return_value)
+}
+
 fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     let err = |source| ProbeError::Program {
         program: ACCEPT_PROGRAM,
@@ -600,9 +706,9 @@ fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     Ok(())
 }
 
-/// The benchmark's floor: minimal programs on the same tracepoints as the probe.
-/// `count_state_changes` counts TCP state changes on `sock:inet_sock_set_state`;
-/// `count_other` counts runs on every other tracepoint the probe attaches to. No maps besides
+/// The benchmark's floor: minimal programs on the same tracepoints as the probe, attached the
+/// same way. `count_state_changes` counts TCP state changes on `sock:inet_sock_set_state`;
+/// `count_other` counts runs of `tcp:tcp_retransmit_skb` where the probe needs it. No maps besides
 /// the per-CPU counters, no ring buffer traffic, no userspace work: what any design on these
 /// tracepoints pays at least.
 pub struct FloorProbe {
@@ -623,14 +729,8 @@ impl FloorProbe {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .load(PROGRAMS)?;
-        for hook in TRACEPOINTS {
-            let floor = match (hook.classic == "conn_state", mode) {
-                (true, AttachMode::Raw) => "count_state_changes_raw",
-                (true, AttachMode::Classic) => "count_state_changes",
-                (false, AttachMode::Raw) => "count_other_raw",
-                (false, AttachMode::Classic) => "count_other",
-            };
-            attach_tracepoint(&mut ebpf, mode, floor, hook)?;
+        for hook in hooks(&offsets) {
+            attach_tracepoint(&mut ebpf, mode, mode.floor(hook), hook)?;
         }
         Ok(Self { ebpf })
     }
@@ -780,9 +880,7 @@ impl Probe {
         self.publish(&mut published);
         let mut last_publish = tokio::time::Instant::now();
         let mut opens = opens::Opens::default();
-        let delay_ns = u64::try_from(self.config.open_delay.as_nanos()).unwrap_or(u64::MAX);
-        // Idle connections are looked for at the pace of the delay, at most once a second.
-        let sweep_every = self.config.open_delay.max(Duration::from_secs(1));
+        let sweep_every = self.config.sweep_period();
         let mut last_sweep = tokio::time::Instant::now();
         loop {
             // Woken by the kernel (enough records waiting), or drain on the period.
@@ -804,16 +902,13 @@ impl Probe {
             if !woken {
                 self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
             }
-            if delay_ns > 0 && last_sweep.elapsed() >= sweep_every {
+            if let Some(every) = sweep_every
+                && last_sweep.elapsed() >= every
+            {
                 last_sweep = tokio::time::Instant::now();
-                let seen = opens.sweep(
-                    self.idle_candidates(),
-                    decode::monotonic_ns(),
-                    delay_ns,
-                    &mut |raw| raw_tx.push(raw),
-                );
-                raw_tx.flush();
-                // Closes of connections the sweep no longer found are in the ring by now.
+                let seen = self.sweep(&mut opens, &mut raw_tx);
+                // The updates just written, and closes of connections the sweep no longer
+                // found, are in the ring by now.
                 self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
                 opens.forget_missing(&seen);
             }
@@ -851,11 +946,56 @@ impl Probe {
         self.drops.read.fetch_add(read, Ordering::Relaxed);
     }
 
+    /// One sweep of `CONNS`: reports the open of every connection older than `open_delay`
+    /// that has none yet, then has the kernel write an update record for every open
+    /// connection due one. Returns the connections whose open the agent has reported, for
+    /// [`opens::Opens::forget_missing`].
+    fn sweep(
+        &mut self,
+        opens: &mut opens::Opens,
+        raw_tx: &mut BatchSender,
+    ) -> std::collections::HashSet<opens::Key> {
+        let entries = self.entries();
+        let now = decode::monotonic_ns();
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let delay = nanos(self.config.open_delay);
+        let seen = if delay > 0 {
+            opens.sweep(entries.iter().copied(), now, delay, &mut |raw| {
+                raw_tx.push(raw)
+            })
+        } else {
+            std::collections::HashSet::new()
+        };
+        // The opens go first: updates come out of the ring buffer after them.
+        raw_tx.flush();
+        let interval = nanos(self.config.update_interval);
+        let Some(program) = self
+            .ebpf
+            .program(REPORT_PROGRAM)
+            .and_then(|p| <&RawTracePoint>::try_from(p).ok())
+        else {
+            return seen;
+        };
+        for (sk, info) in &entries {
+            let announced = opens.is_announced(&(*sk, info.start_ns));
+            if !update_due(info, now, interval, announced) {
+                continue;
+            }
+            if let Err(e) = run_report(program, *sk, info.start_ns)
+                && !self.warned_report
+            {
+                self.warned_report = true;
+                tracing::warn!(error = %error_chain(&e), "the kernel did not write an update; updates may be missing");
+            }
+        }
+        seen
+    }
+
     /// The entries of `CONNS`, read once each. When the key the walk stands on is deleted
     /// (the connection closed), the kernel restarts the walk from the first key; the walk stops
     /// there rather than going round again under churn, and never reads more than
-    /// `max_connections` entries. An idle connection it misses is found by a later sweep.
-    fn idle_candidates(&self) -> Vec<(u64, ConnInfo)> {
+    /// `max_connections` entries. A connection it misses is found by a later sweep.
+    fn entries(&self) -> Vec<(u64, ConnInfo)> {
         let mut visited = std::collections::HashSet::new();
         let mut entries = Vec::new();
         for entry in self.conns.iter().take(self.config.max_connections as usize) {
@@ -943,6 +1083,18 @@ impl Published {
             (drop_reason::UNDECODABLE, self.undecodable, old.undecodable),
         ]
     }
+}
+
+/// Whether the sweep should have the kernel write an update for this `CONNS` entry now:
+/// updates are on (`interval_ns` > 0), the connection is established, not closing, its open
+/// has been reported (by the kernel, or by the agent: `announced`), and its last open or
+/// update record is at least `interval_ns` old.
+fn update_due(info: &ConnInfo, now_ns: u64, interval_ns: u64, announced: bool) -> bool {
+    interval_ns > 0
+        && info.established != 0
+        && info.closed == 0
+        && (info.opened != 0 || announced)
+        && now_ns.saturating_sub(info.last_emit_ns) >= interval_ns
 }
 
 /// Records a batch holds at most: one drain of the ring buffer is handed over in batches of
@@ -1102,6 +1254,69 @@ mod tests {
 
     fn record(sk: u64) -> RawEvent {
         opens::open_from_entry(sk, &opens::tests::entry(1, 0), 2)
+    }
+
+    #[test]
+    fn updates_are_due_for_open_connections_once_their_interval_has_passed() {
+        let open = opens::tests::entry(1_000, 1);
+        assert!(update_due(&open, 1_500, 500, false));
+        assert!(!update_due(&open, 1_499, 500, false), "not yet");
+        assert!(!update_due(&open, 1_500, 0, false), "updates off");
+        let unreported = opens::tests::entry(1_000, 0);
+        assert!(!update_due(&unreported, 9_000, 500, false), "no open yet");
+        assert!(
+            update_due(&unreported, 9_000, 500, true),
+            "open reported by the agent"
+        );
+        let connecting = ConnInfo {
+            established: 0,
+            ..open
+        };
+        assert!(!update_due(&connecting, 9_000, 500, true));
+        let closing = ConnInfo { closed: 1, ..open };
+        assert!(!update_due(&closing, 9_000, 500, true));
+        let updated = ConnInfo {
+            last_emit_ns: 8_800,
+            ..open
+        };
+        assert!(!update_due(&updated, 9_000, 500, true), "updated recently");
+    }
+
+    #[test]
+    fn the_sweep_runs_at_the_pace_of_the_shorter_need() {
+        let period = |open_delay: u64, update_ms: u64| {
+            ProbeConfig {
+                open_delay: Duration::from_millis(open_delay),
+                update_interval: Duration::from_millis(update_ms),
+                ..ProbeConfig::default()
+            }
+            .sweep_period()
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(ProbeConfig::default().sweep_period(), Some(secs(1)));
+        assert_eq!(period(5_000, 30_000), Some(secs(5)));
+        assert_eq!(
+            period(10, 30_000),
+            Some(secs(1)),
+            "opens: at most once a second"
+        );
+        assert_eq!(period(0, 200), Some(Duration::from_millis(200)));
+        assert_eq!(period(1_000, 0), Some(secs(1)));
+        assert_eq!(period(0, 0), None);
+    }
+
+    #[test]
+    fn the_retransmit_tracepoint_is_attached_only_without_btf_counters() {
+        let names = |offsets: &Offsets| hooks(offsets).map(|h| h.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(&Offsets::UNKNOWN),
+            ["inet_sock_set_state", "tcp_retransmit_skb"]
+        );
+        let with_counters = Offsets {
+            total_retrans: 1_234,
+            ..Offsets::UNKNOWN
+        };
+        assert_eq!(names(&with_counters), ["inet_sock_set_state"]);
     }
 
     #[test]

@@ -23,11 +23,23 @@ pub mod counter {
     pub const UNTRACKED: u32 = 3;
     /// Inserts into the `CONNS` map that failed.
     pub const MAP_INSERT_FAILED: u32 = 4;
-    /// Runs of the benchmark floor's counting program on the other tracepoints the probe
-    /// uses (retransmits, send and receive lengths).
+    /// Runs of the benchmark floor's counting program on the other tracepoint the probe may
+    /// use (`tcp:tcp_retransmit_skb`).
     pub const FLOOR_OTHER: u32 = 5;
     /// Number of slots in the `COUNTERS` map.
     pub const LEN: u32 = 6;
+}
+
+/// What `conn_report` returns. The agent runs that program on demand (`BPF_PROG_TEST_RUN`)
+/// to have a live connection's counters written as an update record.
+pub mod report {
+    /// The update record was written.
+    pub const WRITTEN: u32 = 0;
+    /// The connection is gone or closing (no entry, another connection at the same socket
+    /// address, or its close already under way): nothing written.
+    pub const GONE: u32 = 1;
+    /// The ring buffer was full (counted as a loss).
+    pub const RING_FULL: u32 = 2;
 }
 
 /// Kind of a [`RawEvent`].
@@ -89,16 +101,14 @@ pub struct Offsets {
     pub sk_net: u32,
     /// `net.ns.inum` (u32).
     pub net_inum: u32,
-    /// Periodic update interval for open connections, nanoseconds (0: no updates).
-    pub update_interval_ns: u64,
     /// Wake the reader only once this many bytes wait in the ring buffer (0: on every
     /// record). The reader also drains the buffer on a short timer, so records below the
     /// threshold are late by at most that period, never lost.
     pub wakeup_bytes: u64,
-    /// A connection's open record is written at its first send or receive once this long has
-    /// passed since it started (0: as soon as it is established and attributed). Short
-    /// connections then cost one record per end instead of two; the agent reports their open
-    /// from the close record, and finds idle ones in `CONNS`.
+    /// 0: write every open record as the connection is established. Otherwise the kernel
+    /// writes none: the agent reports the open of a connection from its close record, or from
+    /// its `CONNS` entry once it has lived this long. Short connections then cost one record
+    /// per end instead of two.
     pub open_delay_ns: u64,
     /// Start of the smallest 8-aligned span of `tcp_sock` that holds the five counters above
     /// (`srtt_us` … `total_retrans`), or [`NO_OFFSET`]: the programs then read each counter
@@ -147,7 +157,6 @@ impl Offsets {
         sk_err: NO_OFFSET,
         sk_net: NO_OFFSET,
         net_inum: NO_OFFSET,
-        update_interval_ns: 0,
         wakeup_bytes: 0,
         open_delay_ns: 0,
         counters_base: NO_OFFSET,
@@ -238,7 +247,8 @@ fn extent(fields: &[(u32, u32)]) -> Option<(u32, u32)> {
 pub struct ConnInfo {
     /// `bpf_ktime_get_ns` when the open started (SYN sent, or the handshake completed).
     pub start_ns: u64,
-    /// `bpf_ktime_get_ns` of the last event written for it.
+    /// `bpf_ktime_get_ns` of the last open or update record written for it (its start until
+    /// then); the agent's sweep times updates from it.
     pub last_emit_ns: u64,
     /// cgroup v2 id of the owning process.
     pub cgroup_id: u64,
@@ -254,7 +264,9 @@ pub struct ConnInfo {
     pub direction: u8,
     /// 1 once the open event was written.
     pub opened: u8,
-    /// 1 once pid/comm are those of the opener.
+    /// 1 once pid/comm are those of its owner: the process that called `connect()`, or for
+    /// a passive open the one listening on its port (or, failing that, the one that accepted
+    /// it, with the accept hook, or closed it).
     pub attributed: u8,
     /// 1 once the handshake completed (a connection still in `SYN_SENT` has no open).
     pub established: u8,
@@ -264,8 +276,11 @@ pub struct ConnInfo {
     pub lport: u16,
     /// Peer port (host order).
     pub rport: u16,
+    /// 1 once its close record is being written: an update requested from then on is not
+    /// written (it would follow the close in the ring buffer).
+    pub closed: u8,
     /// Padding.
-    pub _pad2: [u8; 2],
+    pub _pad2: u8,
     /// Local address as the tracepoint gives it in `saddr_v6` (IPv4 is v4-mapped).
     pub saddr: [u8; 16],
     /// Peer address, as `saddr`.
@@ -274,6 +289,30 @@ pub struct ConnInfo {
     pub netns: u32,
     /// Padding.
     pub _pad3: u32,
+}
+
+/// The process that listens on a port (value of the `LISTENERS` map, keyed by
+/// [`listener_key`]): passive opens on that port are attributed to it. The first three fields
+/// are laid out as in [`ConnInfo`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// cgroup v2 id of the process.
+    pub cgroup_id: u64,
+    /// Thread id that called `listen()` (the process id when the agent found the listener in
+    /// /proc).
+    pub pid: u32,
+    /// Thread group id.
+    pub tgid: u32,
+    /// `comm` of that thread.
+    pub comm: [u8; 16],
+    /// Kernel address of the listening socket; 0 when the agent found it in /proc.
+    pub sk: u64,
+}
+
+/// Key of the `LISTENERS` map: the listening socket's network namespace and local port.
+pub const fn listener_key(netns: u32, port: u16) -> u64 {
+    (netns as u64) << 16 | port as u64
 }
 
 /// One record in the `EVENTS` ring buffer.
@@ -338,4 +377,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RawEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Owner {}
 }

@@ -2,31 +2,39 @@
 //!
 //! Built for `bpfel-unknown-none` by the agent's build script (aya-build) and embedded in the
 //! agent binary. Programs attach to stable kernel tracepoints (many edge kernels are built
-//! without kprobes) plus one fexit trampoline on `inet_csk_accept`, which gives the process
-//! that accepted a passive open.
+//! without kprobes): `sock:inet_sock_set_state` for the life cycle of every connection, and
+//! `tcp:tcp_retransmit_skb` only where BTF does not give `tcp_sock.total_retrans`. Nothing
+//! runs per send or receive: the cost is per state change, whatever a connection carries.
 //!
 //! Each tracepoint program comes in two forms with the same logic: a raw tracepoint
 //! (`*_raw`, given the `TP_PROTO` arguments: the socket pointer and the states), which the
 //! agent uses when the kernel's BTF gives the socket's address fields, and a classic
 //! tracepoint (given the formatted record), for kernels without BTF. A raw tracepoint costs
 //! the kernel less per run: no record is formatted into a per-CPU buffer before the program
-//! runs, and the probe runs about fourteen times per short connection. In exchange the raw
+//! runs, and the probe runs about ten times per short connection. In exchange the raw
 //! programs read what they need from the socket, so they read as little as they can: the
 //! protocol only where an entry is created (entries exist only for TCP sockets), the
 //! addresses once per connection end, as one span.
 //!
 //! Life of a connection in the `CONNS` map (keyed by the socket's kernel address):
 //! - `SYN_SENT` (in `connect()`, process context): entry created, process attributed.
-//! - `SYN_SENT -> ESTABLISHED` (softirq): open event written, unless `open_delay_ns` is set.
-//! - `SYN_RECV -> ESTABLISHED` (softirq, no process): entry created, not attributed.
-//! - `inet_csk_accept` returns it, or its first send/recv: attributed; open event written
-//!   unless `open_delay_ns` is set.
-//! - With `open_delay_ns`: the open event is written at the first send/recv once that much
-//!   time has passed since the start. A connection that closes sooner gets no open record
-//!   (one record per end instead of two: the agent reports the open from the close record),
-//!   and the agent finds idle connections that never send or receive in `CONNS`.
-//! - send/recv after `update_interval_ns`: an update event with the current counters.
-//! - `-> CLOSE`: close event with the final counters, entry removed.
+//! - `SYN_SENT -> ESTABLISHED` (softirq): addresses read; open record written if
+//!   `open_delay_ns` is 0.
+//! - `SYN_RECV -> ESTABLISHED` (softirq, no process): entry created, attributed to the
+//!   process listening on its port (`LISTENERS`: recorded at `CLOSE -> LISTEN`, which happens
+//!   in `listen()`, and seeded by the agent with the listeners older than the probe); open
+//!   record written if `open_delay_ns` is 0.
+//! - A passive open whose listener is unknown is attributed to the process that closes it:
+//!   `ESTABLISHED -> FIN_WAIT1` and `CLOSE_WAIT -> LAST_ACK` happen only in
+//!   `close()`/`shutdown()`, and so does an abort straight to `CLOSE` that the kernel gives no
+//!   error for (a reset it receives sets `sk_err` first). Where the kernel allows tracing
+//!   programs, fexit on `inet_csk_accept` attributes it to the accepting process.
+//! - While it lives, the agent's sweep of `CONNS` reports its open once it is older than
+//!   `open_delay_ns`, and asks `conn_report` (run on demand, never attached) for an update
+//!   record with its counters every update interval.
+//! - `-> CLOSE`: close record with the final counters, entry removed. A connection that
+//!   closes within `open_delay_ns` has no open record: the agent reports its open from the
+//!   close record (one record per end instead of two).
 //!
 //! Kernel struct field offsets come from the running kernel's BTF (global `OFFSETS`).
 #![no_std]
@@ -43,8 +51,8 @@ use aya_ebpf::{
     programs::{FExitContext, RawTracePointContext, TracePointContext},
 };
 use edgeward_common::{
-    COUNTERS_SPAN_MAX, ConnInfo, NO_OFFSET, Offsets, RawEvent, SOCK_HEAD_MAX, counter, direction,
-    flags, kind,
+    COUNTERS_SPAN_MAX, ConnInfo, NO_OFFSET, Offsets, Owner, RawEvent, SOCK_HEAD_MAX, counter,
+    direction, flags, kind, listener_key, report,
 };
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
@@ -54,6 +62,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 
 /// Connections in flight. The agent sets the size at load (`probe.max_connections`).
 #[map]
 static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Owners of listening sockets by network namespace and port ([`listener_key`]): recorded at
+/// `listen()` (the owner's context) and seeded by the agent with the listeners that were open
+/// before it started. Passive opens take their owner from here.
+#[map]
+static LISTENERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(8_192, 0);
 
 /// Events to the agent. The agent sets the size at load (`probe.ring_buffer_bytes`).
 #[map]
@@ -79,7 +93,11 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_FIN_WAIT1: i32 = 4;
 const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_LAST_ACK: i32 = 9;
+const TCP_LISTEN: i32 = 10;
 
 /// Field offsets of the `sock:inet_sock_set_state` record, from
 /// /sys/kernel/tracing/events/sock/inet_sock_set_state/format. Tracepoint layouts are ABI.
@@ -95,9 +113,8 @@ mod set_state {
     pub const DADDR_V6: usize = 56;
 }
 
-/// `TP_PROTO` argument positions of `inet_sock_set_state(sk, oldstate, newstate)`; the
-/// other raw tracepoints (`tcp_retransmit_skb`, `sock_send_length`, `sock_recv_length`) have
-/// the socket first too.
+/// `TP_PROTO` argument positions of `inet_sock_set_state(sk, oldstate, newstate)`;
+/// `tcp_retransmit_skb` has the socket first too.
 mod raw_arg {
     pub const SK: usize = 0;
     pub const OLDSTATE: usize = 1;
@@ -106,9 +123,6 @@ mod raw_arg {
 
 /// `tcp:tcp_retransmit_skb`: `skaddr`.
 const RETRANSMIT_SKADDR: usize = 16;
-/// `sock:sock_send_length` / `sock:sock_recv_length`: `sk`, `protocol`.
-const IO_SK: usize = 8;
-const IO_PROTOCOL: usize = 18;
 
 #[inline(always)]
 fn count(slot: u32) {
@@ -259,13 +273,104 @@ fn attribute(info: &mut ConnInfo) {
     info.attributed = 1;
 }
 
-/// Writes one record for `sk` to the ring buffer; counts it or its loss.
+/// The current process as an [`Owner`] of the listening socket `sk`.
 #[inline(always)]
-fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
-        count(counter::RINGBUF_FULL);
+fn current_owner(sk: u64) -> Owner {
+    let mut info = zeroed_conn();
+    attribute(&mut info);
+    Owner {
+        cgroup_id: info.cgroup_id,
+        pid: info.pid,
+        tgid: info.tgid,
+        comm: info.comm,
+        sk,
+    }
+}
+
+/// Takes the owner of the connection from the listener on its port, if known.
+#[inline(always)]
+fn attribute_to_listener(info: &mut ConnInfo) {
+    if info.netns == 0 {
+        return;
+    }
+    let Some(owner) = LISTENERS.get_ptr(&listener_key(info.netns, info.lport)) else {
         return;
     };
+    // SAFETY: a map value pointer from the lookup; `comm` is 8-aligned in both structs (see
+    // `copy16`).
+    unsafe {
+        info.cgroup_id = (*owner).cgroup_id;
+        info.pid = (*owner).pid;
+        info.tgid = (*owner).tgid;
+        copy16(&mut info.comm, &(*owner).comm);
+    }
+    info.attributed = 1;
+}
+
+/// `listen()` (process context): the current process owns the listener.
+#[inline(always)]
+fn on_listen<S: Source>(source: &S, sk: u64) {
+    let netns = netns_of(sk);
+    let port = source.local_port();
+    if netns == 0 || port == 0 {
+        // Without BTF the namespace is unknown, and a port of 0 is bound only after the state
+        // change: the owner is then learnt when it closes its connections.
+        return;
+    }
+    let _ = LISTENERS.insert(&listener_key(netns, port), &current_owner(sk), 0);
+}
+
+/// A listener closed: forget it unless another listener on the same port replaced it (the
+/// agent's own entries, found in /proc, have no socket address and go too).
+#[inline(always)]
+fn on_listener_close<S: Source>(source: &S, sk: u64) {
+    let key = listener_key(netns_of(sk), source.local_port());
+    if let Some(owner) = LISTENERS.get_ptr(&key) {
+        // SAFETY: a map value pointer from the lookup.
+        let owner_sk = unsafe { (*owner).sk };
+        if owner_sk == sk || owner_sk == 0 {
+            let _ = LISTENERS.remove(&key);
+        }
+    }
+}
+
+/// `sock.sk_err`, when its offset is known.
+#[derive(Clone, Copy)]
+struct SkErr {
+    value: i32,
+    known: bool,
+}
+
+impl SkErr {
+    const UNKNOWN: Self = Self {
+        value: 0,
+        known: false,
+    };
+
+    #[inline(always)]
+    fn read(sk: u64) -> Self {
+        let mut value = 0i32;
+        let known = read_into(sk, offsets().sk_err, &mut value);
+        Self { value, known }
+    }
+}
+
+/// Writes one record for `sk` to the ring buffer; counts it or its loss. `sk_err` goes into
+/// close records. An update is not written once the connection's close has begun
+/// (`ConnInfo::closed`): the close record is ahead of it in the ring buffer.
+#[inline(always)]
+fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64, sk_err: SkErr) -> u32 {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return report::RING_FULL;
+    };
+    // The close path sets `closed` before it reserves its record, and reserving takes the
+    // ring buffer's lock: a close that reserved first is visible here.
+    // SAFETY: a plain read of a field of a live map value.
+    if event_kind == kind::UPDATE && unsafe { core::ptr::read_volatile(&info.closed) } != 0 {
+        entry.discard(BPF_RB_NO_WAKEUP);
+        return report::GONE;
+    }
     let off = offsets();
     let mut event_flags = 0u16;
     // Open events carry no counters (nothing has been exchanged yet): no reads on the
@@ -290,8 +395,7 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
             }
         }
     }
-    let mut sk_err = 0i32;
-    if event_kind == kind::CLOSE && read_into(sk, off.sk_err, &mut sk_err) {
+    if event_kind == kind::CLOSE && sk_err.known {
         event_flags |= flags::SK_ERR;
     }
     if info.netns != 0 {
@@ -324,7 +428,11 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
         } else {
             info.retransmits
         };
-        (*e).sk_err = sk_err;
+        (*e).sk_err = if event_kind == kind::CLOSE {
+            sk_err.value
+        } else {
+            0
+        };
         (*e).lport = info.lport;
         (*e).rport = info.rport;
         (*e).family = info.family;
@@ -347,6 +455,7 @@ fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64) {
     };
     entry.submit(wakeup);
     count(counter::EVENTS);
+    report::WRITTEN
 }
 
 /// Where a program finds a connection's addresses and ports, and whether it is TCP.
@@ -354,6 +463,8 @@ trait Source {
     /// Fills in family, ports and addresses (IPv4 as v4-mapped IPv6, as the tracepoint
     /// record has them).
     fn read_addresses(&self, info: &mut ConnInfo);
+    /// The local port alone (0 when it cannot be read).
+    fn local_port(&self) -> u16;
     /// Whether the socket is a TCP socket (asked only before an entry is created).
     fn is_tcp(&self) -> bool;
 }
@@ -370,6 +481,11 @@ impl Source for Record<'_> {
         info.family = field(ctx, set_state::FAMILY);
         field_addr(ctx, set_state::SADDR_V6, &mut info.saddr);
         field_addr(ctx, set_state::DADDR_V6, &mut info.daddr);
+    }
+
+    #[inline(always)]
+    fn local_port(&self) -> u16 {
+        field(self.0, set_state::SPORT)
     }
 
     #[inline(always)]
@@ -421,6 +537,13 @@ impl Source for Sock {
                 }
             }
         }
+    }
+
+    #[inline(always)]
+    fn local_port(&self) -> u16 {
+        let mut port = 0u16;
+        read_into(self.0, offsets().skc_num, &mut port);
+        port
     }
 
     #[inline(always)]
@@ -495,9 +618,9 @@ pub fn count_state_changes(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Counts every run and nothing else: the benchmark floor's program on the other
-/// tracepoints the probe attaches to (`tcp_retransmit_skb`, `sock_send_length`,
-/// `sock_recv_length`), so that the floor pays the same tracepoint dispatch as the probe.
+/// Counts every run and nothing else: the benchmark floor's program on the other tracepoint
+/// the probe may attach to (`tcp_retransmit_skb`), so that the floor pays the same tracepoint
+/// dispatch as the probe.
 #[tracepoint]
 pub fn count_other(_ctx: TracePointContext) -> u32 {
     count(counter::FLOOR_OTHER);
@@ -512,18 +635,21 @@ pub fn count_state_changes_raw(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// The raw-tracepoint floor on the other tracepoints: counts every run.
-#[raw_tracepoint(tracepoint = "sock_send_length")]
+/// The raw-tracepoint floor on the other tracepoint: counts every run.
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
 pub fn count_other_raw(_ctx: RawTracePointContext) -> i32 {
     count(counter::FLOOR_OTHER);
     0
 }
 
-/// Whether a state change needs more than counting: most transitions (FIN_WAIT*,
-/// CLOSE_WAIT, LAST_ACK, …) do not.
+/// Whether a state change needs more than counting: the rest (`SYN_RECV` of a new child,
+/// `FIN_WAIT2`, `CLOSE_WAIT`, `CLOSING`, …) do not.
 #[inline(always)]
 fn wanted(newstate: i32) -> bool {
-    newstate == TCP_SYN_SENT || newstate == TCP_ESTABLISHED || newstate == TCP_CLOSE
+    matches!(
+        newstate,
+        TCP_SYN_SENT | TCP_ESTABLISHED | TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_LISTEN
+    )
 }
 
 /// The life cycle of every TCP connection (`sock:inet_sock_set_state`), classic form.
@@ -566,14 +692,14 @@ fn insert(sk: u64, info: &ConnInfo) {
 
 #[inline(always)]
 fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32) {
-    let now = now();
+    // The clock is read only where a time is kept (about 36 ns a read on a VM).
     match newstate {
         TCP_SYN_SENT => {
             if !source.is_tcp() {
                 return;
             }
             // connect(): process context, the owner is current.
-            let mut info = new_conn(sk, direction::ACTIVE, now);
+            let mut info = new_conn(sk, direction::ACTIVE, now());
             attribute(&mut info);
             insert(sk, &info);
         }
@@ -585,19 +711,21 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
                 let info = unsafe { &mut *ptr };
                 source.read_addresses(info);
                 info.established = 1;
-                info.last_emit_ns = now;
                 if report_now {
+                    let now = now();
                     info.opened = 1;
-                    emit(sk, info, kind::OPEN, oldstate, now);
+                    info.last_emit_ns = now;
+                    emit(sk, info, kind::OPEN, oldstate, now, SkErr::UNKNOWN);
                 }
             } else if source.is_tcp() {
                 // Not seen in SYN_SENT (map full or evicted): report it without a process.
+                let now = now();
                 let mut info = new_conn(sk, direction::ACTIVE, now);
                 source.read_addresses(&mut info);
                 info.established = 1;
                 if report_now {
                     info.opened = 1;
-                    emit(sk, &info, kind::OPEN, oldstate, now);
+                    emit(sk, &info, kind::OPEN, oldstate, now, SkErr::UNKNOWN);
                 }
                 insert(sk, &info);
             }
@@ -606,24 +734,63 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
             if !source.is_tcp() {
                 return;
             }
-            // Handshake completed in softirq: the accepting process is not known yet.
+            // Handshake completed in softirq: the owner is the listener's, when known (see the
+            // module documentation).
+            let now = now();
             let mut info = new_conn(sk, direction::PASSIVE, now);
             source.read_addresses(&mut info);
             info.established = 1;
+            attribute_to_listener(&mut info);
+            if offsets().open_delay_ns == 0 {
+                info.opened = 1;
+                emit(sk, &info, kind::OPEN, oldstate, now, SkErr::UNKNOWN);
+            }
             insert(sk, &info);
+        }
+        TCP_LISTEN => {
+            if source.is_tcp() {
+                on_listen(source, sk);
+            }
+        }
+        // Only `close()` or `shutdown()` enter these states: process context, the owner's.
+        TCP_FIN_WAIT1 | TCP_LAST_ACK => {
+            if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
+                // SAFETY: as above.
+                let info = unsafe { &mut *ptr };
+                if info.attributed == 0 {
+                    attribute(info);
+                }
+            }
         }
         TCP_CLOSE => {
             if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
                 // SAFETY: as above.
                 let info = unsafe { &mut *ptr };
+                // SAFETY: a field of the map value; see `emit` for why it is set first.
+                unsafe { core::ptr::write_volatile(&mut info.closed, 1) };
+                let sk_err = SkErr::read(sk);
+                // An abort with no error from an open connection is the owner's `close()`
+                // (unread data, or SO_LINGER 0) or `shutdown()`: a reset or time-out the
+                // kernel sees sets `sk_err` before the state changes.
+                if info.attributed == 0
+                    && sk_err.known
+                    && sk_err.value == 0
+                    && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)
+                {
+                    attribute(info);
+                }
                 // Established connections have their final addresses; an active open that
                 // failed gets its local port read now.
                 if info.established == 0 {
                     source.read_addresses(info);
                 }
-                emit(sk, info, kind::CLOSE, oldstate, now);
+                emit(sk, info, kind::CLOSE, oldstate, now(), sk_err);
                 let _ = CONNS.remove(&sk);
-            } else if oldstate != TCP_SYN_RECV && oldstate != 10 && source.is_tcp() {
+            } else if oldstate == TCP_LISTEN {
+                if source.is_tcp() {
+                    on_listener_close(source, sk);
+                }
+            } else if oldstate != TCP_SYN_RECV && source.is_tcp() {
                 // Neither a listener nor a half-open passive socket: a connection we lost
                 // track of (evicted, or opened before the probe was attached).
                 count(counter::UNTRACKED);
@@ -657,57 +824,39 @@ fn on_retransmit(sk: u64) {
     }
 }
 
-/// `sock:sock_send_length` and `sock:sock_recv_length` (process context): attributes passive
-/// opens that were not seen by the accept hook, writes their open event, and writes periodic
-/// updates of long-lived connections.
-#[tracepoint]
-pub fn conn_io(ctx: TracePointContext) -> u32 {
-    let protocol: u16 = field(&ctx, IO_PROTOCOL);
-    if protocol == IPPROTO_TCP {
-        on_io(field(&ctx, IO_SK));
-    }
-    0
-}
-
-/// [`conn_io`], raw form: no protocol check, the lookup finds TCP sockets only.
-#[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn conn_io_raw(ctx: RawTracePointContext) -> i32 {
-    on_io(ctx.arg(raw_arg::SK));
-    0
+/// Writes an update record with the current counters of a live connection. Never attached:
+/// the agent runs it on demand (`BPF_PROG_TEST_RUN`, arguments: the socket's address and the
+/// connection's start time from its `CONNS` entry) when the connection is due one. Returns a
+/// [`report`] code.
+///
+/// Written without the `raw_tracepoint` macro, which discards the program's return value
+/// (aya-ebpf 0.2 returns 0 whatever the body returns); the section is the one the macro uses.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/inet_sock_set_state")]
+pub fn conn_report(ctx: *mut core::ffi::c_void) -> u32 {
+    report_update(&RawTracePointContext::new(ctx))
 }
 
 #[inline(always)]
-fn on_io(sk: u64) {
+fn report_update(ctx: &RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let start_ns: u64 = ctx.arg(1);
     let Some(ptr) = CONNS.get_ptr_mut(&sk) else {
-        return;
+        return report::GONE;
     };
     // SAFETY: map value pointer from the lookup.
     let info = unsafe { &mut *ptr };
+    // Another connection may have taken the socket's address since the agent read the map.
+    if info.start_ns != start_ns || info.established == 0 {
+        return report::GONE;
+    }
     let now = now();
-    if info.attributed == 0 {
-        attribute(info);
-    }
-    if info.established == 0 {
-        // TCP Fast Open data with the SYN: nothing to report before the handshake.
-        return;
-    }
-    let off = offsets();
-    if info.opened == 0 {
-        if now.wrapping_sub(info.start_ns) >= off.open_delay_ns {
-            info.opened = 1;
-            info.last_emit_ns = now;
-            emit(sk, info, kind::OPEN, TCP_ESTABLISHED, now);
-        }
-        return;
-    }
-    let interval = off.update_interval_ns;
-    if interval != 0 && now.wrapping_sub(info.last_emit_ns) >= interval {
-        info.last_emit_ns = now;
-        emit(sk, info, kind::UPDATE, TCP_ESTABLISHED, now);
-    }
+    info.last_emit_ns = now;
+    emit(sk, info, kind::UPDATE, TCP_ESTABLISHED, now, SkErr::UNKNOWN)
 }
 
-/// fexit on `inet_csk_accept`: the process that accepted a passive open.
+/// fexit on `inet_csk_accept`: the process that accepted a passive open (on kernels that
+/// allow tracing programs; elsewhere the owner is learnt when it closes the connection).
 #[fexit(function = "inet_csk_accept")]
 pub fn conn_accept(ctx: FExitContext) -> i32 {
     let sk: u64 = match ctx.ret::<u64>() {
@@ -717,19 +866,11 @@ pub fn conn_accept(ctx: FExitContext) -> i32 {
     if sk == 0 {
         return 0;
     }
-    let Some(ptr) = CONNS.get_ptr_mut(&sk) else {
-        return 0;
-    };
-    // SAFETY: map value pointer from the lookup.
-    let info = unsafe { &mut *ptr };
-    if info.attributed == 0 {
-        attribute(info);
-    }
-    if info.opened == 0 && offsets().open_delay_ns == 0 {
-        let now = now();
-        info.opened = 1;
-        info.last_emit_ns = now;
-        emit(sk, info, kind::OPEN, TCP_ESTABLISHED, now);
+    if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
+        // The accepting process, even over the listener's owner: with pre-forked servers it
+        // is the worker, not the parent that called `listen()`.
+        // SAFETY: map value pointer from the lookup.
+        attribute(unsafe { &mut *ptr });
     }
     0
 }
