@@ -215,9 +215,8 @@ async fn leg(events: &[ConnectionEvent], endpoint: Option<String>, sink: &Sink) 
         while input.capacity() < chunk.len() || telemetry.queue_bytes.get() > queue_limit {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
-        for ev in chunk {
-            input.send(ev.clone());
-        }
+        // One batch per chunk, as the probe hands over one per drain of its ring buffer.
+        input.send_batch(chunk.to_vec());
         tokio::task::yield_now().await;
     }
     while telemetry.events.get() < events.len() as u64 {
@@ -353,12 +352,15 @@ fn rss(sink_bin: &str, up_secs: u64, down_secs: u64, rate: u64) {
         let mut killed = false;
         let mut last_sample = Instant::now();
         while start.elapsed() < Duration::from_secs(up_secs + down_secs) {
+            // Each tick's events go over as one batch, as the probe's do.
+            let mut batch = Vec::with_capacity(per_tick);
             for _ in 0..per_tick {
                 let mut ev = events[i % events.len()].clone();
                 ev.conn_id = i as u64;
-                input.send(ev);
+                batch.push(ev);
                 i += 1;
             }
+            input.send_batch(batch);
             next += tick;
             tokio::time::sleep_until(next).await;
             if !killed && start.elapsed() >= Duration::from_secs(up_secs) {

@@ -79,14 +79,16 @@ fn full(netns: u32) -> anyhow::Result<()> {
     let task = rt.spawn(probe.run(shutdown.clone()));
     let counts = rt.spawn(async move {
         let (mut active, mut passive, mut other) = (0u64, 0u64, 0u64);
-        while let Some(e) = rx.recv().await {
-            if e.netns != netns || e.kind != EventKind::Close {
-                other += 1;
-                continue;
-            }
-            match e.direction {
-                Direction::Active => active += 1,
-                Direction::Passive => passive += 1,
+        while let Some(batch) = rx.recv().await {
+            for e in batch {
+                if e.netns != netns || e.kind != EventKind::Close {
+                    other += 1;
+                    continue;
+                }
+                match e.direction {
+                    Direction::Active => active += 1,
+                    Direction::Passive => passive += 1,
+                }
             }
         }
         (active, passive, other)

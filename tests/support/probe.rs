@@ -54,8 +54,8 @@ impl RunningProbe {
         {
             let events = events.clone();
             rt.spawn(async move {
-                while let Some(e) = rx.recv().await {
-                    events.lock().unwrap().push(e);
+                while let Some(batch) = rx.recv().await {
+                    events.lock().unwrap().extend(batch);
                 }
             });
         }

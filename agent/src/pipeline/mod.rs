@@ -1,14 +1,16 @@
 //! The pipeline from the probe to the exporters: enrichment, batching, the plugin chain.
 //!
 //! Every hop is a bounded channel; when one is full the sender drops and counts, so nothing
-//! ever blocks the probe's ring-buffer reader. The probe sends through a [`PipelineInput`]
-//! (a bounded channel whose `send` never waits); [`run`] batches by size and time, applies the
-//! current plugin chain to each batch and hands it to the exporter, whose queue drops its
-//! oldest requests when full.
+//! ever blocks the probe's ring-buffer reader. Events arrive in batches ([`channel`], bounded
+//! in events; the probe sends one batch per drain of its ring buffer, [`PipelineInput`] sends
+//! without waiting); [`run`] re-batches them by size and time, applies the current plugin
+//! chain to each batch and hands it to the exporter, whose queue drops its oldest requests
+//! when full.
+
+pub mod channel;
 
 use std::{sync::Arc, time::Instant};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -45,22 +47,32 @@ pub fn keep_all() -> PolicyRx {
     rx
 }
 
-/// The probe's end of the pipeline channel.
+/// The receiving end of the pipeline's input.
+pub type PipelineRx = channel::BatchRx<ConnectionEvent>;
+
+/// A sender into the pipeline that counts what it drops (the probe has its own sender and
+/// counts its drops as probe losses).
 #[derive(Debug, Clone)]
 pub struct PipelineInput {
-    tx: mpsc::Sender<ConnectionEvent>,
+    tx: channel::BatchTx<ConnectionEvent>,
     telemetry: ExportTelemetry,
 }
 
 impl PipelineInput {
-    /// Hands an event to the pipeline without waiting. When the channel is full (or the
-    /// pipeline has stopped) the event is dropped and counted in
-    /// `edgeward_pipeline_channel_drops_total`; returns whether it was accepted.
+    /// Hands an event to the pipeline without waiting; see [`PipelineInput::send_batch`].
     pub fn send(&self, event: ConnectionEvent) -> bool {
-        match self.tx.try_send(event) {
+        self.send_batch(vec![event])
+    }
+
+    /// Hands a batch to the pipeline without waiting. When the channel has no room for all
+    /// of it (or the pipeline has stopped) the batch is dropped and counted in
+    /// `edgeward_pipeline_channel_drops_total`; returns whether it was accepted.
+    pub fn send_batch(&self, events: Vec<ConnectionEvent>) -> bool {
+        let n = events.len() as u64;
+        match self.tx.try_send(events) {
             Ok(()) => true,
             Err(_) => {
-                if self.telemetry.channel_drops.inc() == 0 {
+                if self.telemetry.channel_drops.inc_by(n) == 0 {
                     tracing::warn!(
                         "pipeline channel full: dropping events (counted in edgeward_pipeline_channel_drops_total)"
                     );
@@ -69,22 +81,17 @@ impl PipelineInput {
             }
         }
     }
-}
 
-impl PipelineInput {
-    /// Free slots in the channel now (a producer that may wait, like a benchmark, can pace
-    /// itself with this; the probe never waits).
+    /// Room in the channel now, in events (a producer that may wait, like a benchmark, can
+    /// pace itself with this; the probe never waits).
     pub fn capacity(&self) -> usize {
         self.tx.capacity()
     }
 }
 
-/// The bounded channel from the probe to the pipeline.
-pub fn channel(
-    capacity: usize,
-    telemetry: ExportTelemetry,
-) -> (PipelineInput, mpsc::Receiver<ConnectionEvent>) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
+/// The bounded channel into the pipeline, holding at most `capacity` events.
+pub fn channel(capacity: usize, telemetry: ExportTelemetry) -> (PipelineInput, PipelineRx) {
+    let (tx, rx) = channel::bounded(capacity);
     (PipelineInput { tx, telemetry }, rx)
 }
 
@@ -93,7 +100,7 @@ pub fn channel(
 /// and hands it to `export`. On `shutdown` it stops intake, drains what the channel already
 /// holds, pushes the last batch and cancels `done` so the exporter flushes.
 pub async fn run(
-    mut rx: mpsc::Receiver<ConnectionEvent>,
+    mut rx: PipelineRx,
     policy: PolicyRx,
     export: ExportHandle,
     shutdown: CancellationToken,
@@ -110,23 +117,27 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break,
             received = rx.recv() => match received {
-                Some(ev) => {
-                    if batch.is_empty() {
-                        deadline = Some(tokio::time::Instant::now() + config.batch_timeout);
-                        batch.reserve(config.batch_size);
+                Some(events) => {
+                    let was_empty = batch.is_empty();
+                    let mut flush_batch = |b: &mut Vec<ConnectionEvent>| {
+                        flush(b, &policy, &export, &telemetry)
+                    };
+                    let size = config.batch_size;
+                    let mut flushed = take(&mut batch, events, &rx, size, &mut flush_batch);
+                    // Take what is already waiting without going back to the scheduler, up to
+                    // one flush (then the loop looks at shutdown again).
+                    while !flushed && batch.len() < size {
+                        let Some(events) = rx.try_recv() else { break };
+                        flushed = take(&mut batch, events, &rx, size, &mut flush_batch);
                     }
-                    batch.push(ev);
-                    // Take what is already waiting without going back to the scheduler.
-                    while batch.len() < config.batch_size {
-                        match rx.try_recv() {
-                            Ok(ev) => batch.push(ev),
-                            Err(_) => break,
-                        }
-                    }
-                    if batch.len() >= config.batch_size {
-                        flush(&mut batch, &policy, &export, &telemetry);
-                        deadline = None;
-                    }
+                    // A batch times out counting from its first event.
+                    deadline = if batch.is_empty() {
+                        None
+                    } else if was_empty || flushed {
+                        Some(tokio::time::Instant::now() + config.batch_timeout)
+                    } else {
+                        deadline
+                    };
                 }
                 // Every sender is gone: nothing more will come; wait for shutdown.
                 None => {
@@ -144,15 +155,41 @@ pub async fn run(
     // Stop intake, then take what is already in the channel.
     rx.close();
     let size = export.config().batch_size;
-    while let Ok(ev) = rx.try_recv() {
-        batch.push(ev);
-        if batch.len() >= size {
-            flush(&mut batch, &policy, &export, &telemetry);
-        }
+    while let Some(events) = rx.try_recv() {
+        take(&mut batch, events, &rx, size, |b| {
+            flush(b, &policy, &export, &telemetry)
+        });
     }
     flush(&mut batch, &policy, &export, &telemetry);
     tracing::debug!("pipeline drained");
     done.cancel();
+}
+
+/// Moves `events` into `batch` (kept across flushes, so its room is reused), calling `flush`
+/// each time it holds `size` events, and gives the emptied `events` back to the sender.
+/// Returns whether it flushed.
+fn take(
+    batch: &mut Vec<ConnectionEvent>,
+    mut events: Vec<ConnectionEvent>,
+    rx: &PipelineRx,
+    size: usize,
+    mut flush: impl FnMut(&mut Vec<ConnectionEvent>),
+) -> bool {
+    let size = size.max(1);
+    let mut flushed = false;
+    let mut incoming = events.drain(..);
+    loop {
+        let room = size.saturating_sub(batch.len());
+        batch.extend(incoming.by_ref().take(room));
+        if batch.len() < size {
+            break;
+        }
+        flush(batch);
+        flushed = true;
+    }
+    drop(incoming);
+    rx.recycle(events);
+    flushed
 }
 
 fn flush(

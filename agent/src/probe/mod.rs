@@ -23,7 +23,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -33,18 +33,19 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{FExit, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
 };
-use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, Owner, RawEvent, counter, report};
+use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, Owner, counter, report};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
 use serde::{Deserialize, Serialize};
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::ConfigError,
+    pipeline::channel::{self, BatchRx, BatchTx, SendError},
     status::{ProbeState, StatusHandle},
 };
 use event::ConnectionEvent;
@@ -358,8 +359,8 @@ pub struct Probe {
     conns: BpfHashMap<MapData, u64, ConnInfo>,
     counters: PerCpuArray<MapData, u64>,
     config: ProbeConfig,
-    out_tx: Option<mpsc::Sender<ConnectionEvent>>,
-    out_rx: Option<mpsc::Receiver<ConnectionEvent>>,
+    out_tx: Option<BatchTx<ConnectionEvent>>,
+    out_rx: Option<BatchRx<ConnectionEvent>>,
     drops: Arc<UserDrops>,
     status: StatusHandle,
     missing: Vec<&'static str>,
@@ -504,7 +505,7 @@ impl ProbeConfig {
             name: "CONNS",
             source,
         })?;
-        let (out_tx, out_rx) = mpsc::channel(self.channel_capacity);
+        let (out_tx, out_rx) = channel::bounded(self.channel_capacity);
         let mut missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
         if let (Err(e), Some(last)) = (&accept_hook, missing_text.last_mut()) {
             *last = format!("{last} (fexit {ACCEPT_FUNCTION} unavailable: {e})");
@@ -812,8 +813,9 @@ pub struct KernelCounters {
 }
 
 impl Probe {
-    /// The enriched events. Returns `None` after the first call.
-    pub fn take_events(&mut self) -> Option<mpsc::Receiver<ConnectionEvent>> {
+    /// The enriched events, in batches (one per drain of the ring buffer, at most 1024
+    /// records). Returns `None` after the first call.
+    pub fn take_events(&mut self) -> Option<BatchRx<ConnectionEvent>> {
         self.out_rx.take()
     }
 
@@ -851,7 +853,8 @@ impl Probe {
         let (Some(ring), Some(out_tx)) = (self.ring.take(), self.out_tx.take()) else {
             return;
         };
-        let (mut raw_tx, raw_rx) = batches(self.config.channel_capacity, self.drops.clone());
+        let (raw_tx, raw_rx) = channel::bounded(self.config.channel_capacity);
+        let mut raw_tx = BatchSender::new(raw_tx, self.drops.clone());
         // The enrichment thread owns the only output sender: when it ends, consumers see the
         // channel close.
         let enrichment = {
@@ -935,7 +938,7 @@ impl Probe {
         while let Some(item) = ring.next() {
             read += 1;
             match decode::read_raw(&item) {
-                Ok(raw) => opens.on_record(raw, &mut |raw| raw_tx.push(raw)),
+                Ok(raw) => raw_tx.push(opens.on_record(raw)),
                 Err(e) => {
                     self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "undecodable probe record");
@@ -961,7 +964,7 @@ impl Probe {
         let delay = nanos(self.config.open_delay);
         let seen = if delay > 0 {
             opens.sweep(entries.iter().copied(), now, delay, &mut |raw| {
-                raw_tx.push(raw)
+                raw_tx.push(opens::Record::new(raw))
             })
         } else {
             std::collections::HashSet::new()
@@ -1103,61 +1106,30 @@ fn update_due(info: &ConnInfo, now_ns: u64, interval_ns: u64, announced: bool) -
 const BATCH: usize = 1024;
 
 /// The reader's end of the channel to the enrichment thread: records collect into a batch,
-/// which goes over whole. The channel is bounded in records, not batches: a batch that does
-/// not fit is dropped and counted, so the reader never waits.
+/// which goes over whole. The channel is bounded in records: a batch that does not fit is
+/// dropped and counted, so the reader never waits.
 struct BatchSender {
-    tx: mpsc::UnboundedSender<Vec<RawEvent>>,
-    /// Records sent and not yet taken by the enrichment thread.
-    queued: Arc<AtomicUsize>,
-    capacity: usize,
-    batch: Vec<RawEvent>,
+    tx: BatchTx<opens::Record>,
+    batch: Vec<opens::Record>,
     drops: Arc<UserDrops>,
     warned_full: bool,
 }
 
-/// The enrichment thread's end: taking a batch frees its records' room in the channel.
-struct BatchReceiver {
-    rx: mpsc::UnboundedReceiver<Vec<RawEvent>>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl BatchReceiver {
-    /// The next batch, waiting for it; `None` once the sender is gone.
-    fn blocking_recv(&mut self) -> Option<Vec<RawEvent>> {
-        let batch = self.rx.blocking_recv()?;
-        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
-        Some(batch)
-    }
-
-    /// The next batch if one is waiting.
-    #[cfg(test)]
-    fn try_recv(&mut self) -> Option<Vec<RawEvent>> {
-        let batch = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
-        Some(batch)
-    }
-}
-
-/// A channel of record batches holding at most `capacity` records.
-fn batches(capacity: usize, drops: Arc<UserDrops>) -> (BatchSender, BatchReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let sender = BatchSender {
-        tx,
-        queued: queued.clone(),
-        capacity,
-        batch: Vec::new(),
-        drops,
-        warned_full: false,
-    };
-    (sender, BatchReceiver { rx, queued })
-}
-
 impl BatchSender {
-    /// Adds a record to the batch; sends the batch when it is full.
-    fn push(&mut self, raw: RawEvent) {
-        self.batch.push(raw);
-        if self.batch.len() >= BATCH.min(self.capacity) {
+    fn new(tx: BatchTx<opens::Record>, drops: Arc<UserDrops>) -> Self {
+        Self {
+            tx,
+            batch: Vec::new(),
+            drops,
+            warned_full: false,
+        }
+    }
+
+    /// Adds a record to the batch; sends the batch when it is full (at most [`BATCH`]
+    /// records, and never more than the channel holds).
+    fn push(&mut self, record: opens::Record) {
+        self.batch.push(record);
+        if self.batch.len() >= BATCH.min(self.tx.max_items()) {
             self.flush();
         }
     }
@@ -1168,30 +1140,29 @@ impl BatchSender {
         if n == 0 {
             return;
         }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(n));
-        if self.queued.fetch_add(n, Ordering::AcqRel) + n > self.capacity {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-            self.drops
-                .reader_full
-                .fetch_add(n as u64, Ordering::Relaxed);
-            if !self.warned_full {
-                self.warned_full = true;
-                tracing::warn!(
-                    capacity = self.capacity,
-                    "probe enrichment channel full; dropping events (counted)"
-                );
+        let batch = std::mem::replace(&mut self.batch, self.tx.buffer());
+        match self.tx.try_send(batch) {
+            Ok(()) => {}
+            Err(SendError::Full(_)) => {
+                self.drops
+                    .reader_full
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if !self.warned_full {
+                    self.warned_full = true;
+                    tracing::warn!("probe enrichment channel full; dropping events (counted)");
+                }
             }
-        } else if self.tx.send(batch).is_err() {
             // The enrichment thread is gone (shutting down): nobody would see them.
-            self.queued.fetch_sub(n, Ordering::AcqRel);
+            Err(SendError::Closed(_)) => {}
         }
     }
 }
 
-/// Decodes and enriches records on a blocking thread (it reads /proc and cgroupfs).
+/// Decodes and enriches records on a blocking thread (it reads /proc and cgroupfs), and hands
+/// each batch on whole.
 fn enrich_loop(
-    mut raw_rx: BatchReceiver,
-    out_tx: mpsc::Sender<ConnectionEvent>,
+    mut raw_rx: BatchRx<opens::Record>,
+    out_tx: BatchTx<ConnectionEvent>,
     drops: Arc<UserDrops>,
     cache_size: usize,
 ) {
@@ -1204,9 +1175,8 @@ fn enrich_loop(
         warned_full: false,
     };
     while let Some(batch) = raw_rx.blocking_recv() {
-        for raw in &batch {
-            enrichment.one(raw);
-        }
+        enrichment.batch(&batch);
+        raw_rx.recycle(batch);
     }
 }
 
@@ -1215,27 +1185,49 @@ struct Enrichment {
     clock: decode::Clock,
     enricher: enrich::Enricher,
     comms: decode::Comms,
-    out_tx: mpsc::Sender<ConnectionEvent>,
+    out_tx: BatchTx<ConnectionEvent>,
     drops: Arc<UserDrops>,
     warned_full: bool,
 }
 
 impl Enrichment {
-    /// Decodes, enriches and hands on one record.
-    fn one(&mut self, raw: &RawEvent) {
-        let mut event = match decode::decode(raw, self.clock, &mut self.comms) {
-            Ok(e) => e,
-            Err(e) => {
-                self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "undecodable probe record");
-                return;
+    /// Decodes and enriches a batch of records and hands the events on as one batch, with
+    /// the opens the agent reports for the kernel before their closes.
+    fn batch(&mut self, records: &[opens::Record]) {
+        let mut events = self.out_tx.buffer();
+        events.reserve(records.len() * 2);
+        for record in records {
+            let mut event = match decode::decode(&record.raw, self.clock, &mut self.comms) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "undecodable probe record");
+                    continue;
+                }
+            };
+            self.enricher.enrich(&mut event);
+            if record.open_first {
+                events.push(opens::open_from_close(&event));
             }
-        };
-        self.enricher.enrich(&mut event);
-        match self.out_tx.try_send(event) {
+            events.push(event);
+        }
+        // Never more than the channel holds at once (a batch larger than that would never
+        // fit): rarely more than one piece.
+        let most = self.out_tx.max_items();
+        while events.len() > most {
+            let rest = events.split_off(most);
+            self.send(events);
+            events = rest;
+        }
+        self.send(events);
+    }
+
+    fn send(&mut self, events: Vec<ConnectionEvent>) {
+        let n = events.len() as u64;
+        match self.out_tx.try_send(events) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.drops.output_full.fetch_add(1, Ordering::Relaxed);
+            Err(SendError::Full(_)) => {
+                self.drops.output_full.fetch_add(n, Ordering::Relaxed);
                 if !self.warned_full {
                     self.warned_full = true;
                     tracing::warn!("probe output channel full; dropping events (counted)");
@@ -1243,7 +1235,7 @@ impl Enrichment {
             }
             // Nobody consumes any more (shutting down): keep draining so the reader never
             // blocks, without counting losses that nobody would have seen.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(SendError::Closed(_)) => {}
         }
     }
 }
@@ -1252,8 +1244,8 @@ impl Enrichment {
 mod tests {
     use super::*;
 
-    fn record(sk: u64) -> RawEvent {
-        opens::open_from_entry(sk, &opens::tests::entry(1, 0), 2)
+    fn record(sk: u64) -> opens::Record {
+        opens::Record::new(opens::open_from_entry(sk, &opens::tests::entry(1, 0), 2))
     }
 
     #[test]
@@ -1320,28 +1312,25 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_channel_holds_at_most_its_capacity_in_records() {
+    fn a_batch_the_enrichment_channel_cannot_take_is_dropped_and_counted() {
         let drops = Arc::new(UserDrops::default());
-        let (mut tx, mut rx) = batches(3, drops.clone());
-        tx.push(record(1));
-        tx.push(record(2));
-        tx.flush();
-        assert_eq!(rx.queued.load(Ordering::Acquire), 2);
+        let (tx, mut rx) = channel::bounded(3);
+        let mut sender = BatchSender::new(tx, drops.clone());
+        sender.push(record(1));
+        sender.push(record(2));
+        sender.flush();
         // Two more do not fit beside the two waiting: the whole batch is dropped, counted.
-        tx.push(record(3));
-        tx.push(record(4));
-        tx.flush();
+        sender.push(record(3));
+        sender.push(record(4));
+        sender.flush();
         assert_eq!(drops.reader_full.load(Ordering::Relaxed), 2);
-        // Taking a batch frees its room.
         let got = rx.try_recv().unwrap();
-        assert_eq!(got.iter().map(|r| r.sk).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(got.iter().map(|r| r.raw.sk).collect::<Vec<_>>(), [1, 2]);
         assert!(rx.try_recv().is_none(), "the dropped batch never arrives");
-        assert_eq!(rx.queued.load(Ordering::Acquire), 0);
-        // A full batch (the capacity, here 3) goes out without an explicit flush.
-        for sk in 5..8 {
-            tx.push(record(sk));
-        }
-        assert_eq!(rx.try_recv().unwrap().len(), 3);
+        // With room again, a batch goes through.
+        sender.push(record(5));
+        sender.flush();
+        assert_eq!(rx.try_recv().unwrap().len(), 1);
         assert_eq!(drops.reader_full.load(Ordering::Relaxed), 2);
     }
 }

@@ -16,10 +16,33 @@ use std::collections::{HashMap, HashSet};
 
 use edgeward_common::{ConnInfo, RawEvent, flags, kind};
 
-use super::decode::{TCP_ESTABLISHED, TCP_SYN_SENT};
+use super::{
+    decode::{TCP_ESTABLISHED, TCP_SYN_SENT},
+    event::{CloseReason, ConnectionEvent, EventKind},
+};
 
 /// A connection while it lives: the socket's kernel address and its start time.
 pub type Key = (u64, u64);
+
+/// A ring buffer record (or an open the sweep made) on its way to enrichment.
+#[derive(Debug, Clone, Copy)]
+pub struct Record {
+    /// The record.
+    pub raw: RawEvent,
+    /// A close record whose connection's open the agent reports first, built from the close
+    /// once it is decoded and enriched ([`open_from_close`]).
+    pub open_first: bool,
+}
+
+impl Record {
+    /// A record passed on as it is.
+    pub fn new(raw: RawEvent) -> Self {
+        Self {
+            raw,
+            open_first: false,
+        }
+    }
+}
 
 /// Which opens the agent has reported on the kernel's behalf.
 #[derive(Debug, Default)]
@@ -40,22 +63,20 @@ impl Opens {
         self.announced.contains_key(key)
     }
 
-    /// Passes one record read from the ring buffer on to `out`, preceded by the connection's
-    /// open when the kernel did not write one.
-    pub fn on_record(&mut self, raw: RawEvent, out: &mut impl FnMut(RawEvent)) {
+    /// One record read from the ring buffer, marked to be preceded by its connection's open
+    /// when neither the kernel nor the agent has reported that open.
+    pub fn on_record(&mut self, raw: RawEvent) -> Record {
+        if raw.kind != kind::CLOSE {
+            return Record::new(raw);
+        }
         let key = (raw.sk, raw.start_ns);
-        match raw.kind {
-            kind::CLOSE => {
-                // Most closes are of connections nobody announced: skip the hashing then.
-                let announced = !self.announced.is_empty() && self.announced.remove(&key).is_some();
-                // A close straight from SYN_SENT is a failed active open: it never opened.
-                let never_opened = raw.oldstate == TCP_SYN_SENT;
-                if !announced && !never_opened && raw.flags & flags::OPEN_REPORTED == 0 {
-                    out(open_from_close(&raw));
-                }
-                out(raw);
-            }
-            _ => out(raw),
+        // Most closes are of connections nobody announced: skip the hashing then.
+        let announced = !self.announced.is_empty() && self.announced.remove(&key).is_some();
+        // A close straight from SYN_SENT is a failed active open: it never opened.
+        let never_opened = raw.oldstate == TCP_SYN_SENT;
+        Record {
+            raw,
+            open_first: !announced && !never_opened && raw.flags & flags::OPEN_REPORTED == 0,
         }
     }
 
@@ -103,21 +124,19 @@ impl Opens {
     }
 }
 
-/// The open of a connection that closed before the kernel wrote one: the close record's
-/// identity, process and addresses, with nothing exchanged yet.
-fn open_from_close(close: &RawEvent) -> RawEvent {
-    RawEvent {
-        kind: kind::OPEN,
-        ts_ns: close.start_ns,
-        bytes_acked: 0,
+/// The open of a connection that closed before its open was reported: the close event's
+/// identity, process, addresses and enrichment, with nothing exchanged yet.
+pub fn open_from_close(close: &ConnectionEvent) -> ConnectionEvent {
+    ConnectionEvent {
+        kind: EventKind::Open,
+        end_unix_nanos: 0,
+        bytes_sent: 0,
         bytes_received: 0,
         srtt_us: 0,
         rttvar_us: 0,
         retransmits: 0,
-        sk_err: 0,
-        oldstate: TCP_ESTABLISHED,
-        flags: close.flags & (flags::PROCESS | flags::NETNS),
-        ..*close
+        close_reason: CloseReason::Open,
+        ..close.clone()
     }
 }
 
@@ -210,14 +229,28 @@ pub(super) mod tests {
         let mut opens = Opens::default();
         let info = entry(100, 0);
         let close = record(1, &info, kind::CLOSE, flags::PROCESS | flags::TCP_COUNTERS);
-        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[0].kind, kind::OPEN);
-        assert_eq!((out[0].sk, out[0].start_ns, out[0].pid), (1, 100, 10));
-        assert_eq!((out[0].bytes_acked, out[0].srtt_us), (0, 0));
-        assert_eq!(out[0].flags, flags::PROCESS);
-        assert_eq!(out[1].kind, kind::CLOSE);
-        assert_eq!(out[1].bytes_acked, 64);
+        let out = opens.on_record(close);
+        assert!(out.open_first);
+        assert_eq!((out.raw.kind, out.raw.bytes_acked), (kind::CLOSE, 64));
+        // The open, from the decoded and enriched close.
+        let clock = super::super::decode::Clock::with_offset(1_000_000);
+        let mut comms = super::super::decode::Comms::default();
+        let mut closed = super::super::decode::decode(&out.raw, clock, &mut comms).unwrap();
+        closed.executable = Some("curl".into());
+        let open = open_from_close(&closed);
+        assert_eq!(open.kind, EventKind::Open);
+        assert_eq!(
+            (open.conn_id, open.start_unix_nanos, open.pid),
+            (closed.conn_id, closed.start_unix_nanos, 10)
+        );
+        assert_eq!(open.executable.as_deref(), Some("curl"));
+        assert_eq!((open.local, open.peer), (closed.local, closed.peer));
+        assert_eq!(
+            (open.bytes_sent, open.srtt_us, open.end_unix_nanos),
+            (0, 0, 0)
+        );
+        assert_eq!(open.close_reason, CloseReason::Open);
+        assert_eq!(closed.bytes_sent, 63, "the SYN is not payload");
     }
 
     #[test]
@@ -227,9 +260,7 @@ pub(super) mod tests {
             oldstate: TCP_SYN_SENT,
             ..record(1, &entry(100, 0), kind::CLOSE, flags::PROCESS)
         };
-        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, kind::CLOSE);
+        assert!(!opens.on_record(close).open_first);
     }
 
     #[test]
@@ -237,9 +268,7 @@ pub(super) mod tests {
         let mut opens = Opens::default();
         let info = entry(100, 1);
         let close = record(1, &info, kind::CLOSE, flags::OPEN_REPORTED);
-        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].kind, kind::CLOSE);
+        assert!(!opens.on_record(close).open_first);
     }
 
     #[test]
@@ -278,9 +307,11 @@ pub(super) mod tests {
             "the young one is now past the delay: {again:?}"
         );
         assert_eq!(again[0].sk, 2);
-        let close = record(1, &idle, kind::CLOSE, flags::OPEN_REPORTED);
-        let out = collect(|f| opens.on_record(close, &mut |r| f(r)));
-        assert_eq!(out.len(), 1);
+        let close = record(1, &idle, kind::CLOSE, 0);
+        assert!(
+            !opens.on_record(close).open_first,
+            "announced by the sweep already"
+        );
         assert_eq!(opens.announced(), 1, "connection 2 is still open");
     }
 
