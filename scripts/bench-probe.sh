@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# Probe benchmark (issue 8): loopback connection churn with no probe, with the floor program
-# (counts inet_sock_set_state, nothing else), with the real agent (`edgeward run`), and with
-# the agent's probe in a counting harness (`probe_bench full`, for completeness).
+# Probe benchmark (issue 8): loopback connection churn with no probe, with the floor programs
+# (count runs on the probe's tracepoints, nothing else) and with the real agent (`edgeward
+# run`); then the agent's probe in a counting harness (`probe_bench full`) for completeness
+# and kernel BPF time.
 #
-#   scripts/bench-probe.sh            # ROUNDS=6 SECONDS_PER_LEG=4 THREADS=2 by default
+#   scripts/bench-probe.sh            # ROUNDS=16 SECONDS_PER_LEG=2 THREADS=2 FULL_ROUNDS=3
 #
-# Legs alternate within each round, so slow drifts of a shared machine hit every leg alike;
-# ratios are computed per round against that round's no-probe leg and summarised as the
-# median and the mean over rounds. The generator (tests/load/churn.c) runs in a network namespace
-# of its own (tcp_tw_reuse on, wide port range) so that TIME_WAIT does not cap the rate and
-# so that the harness can count exactly its connections (by netns) while others use the
-# machine. Needs root. Prints figures for docs/PERFORMANCE.md "## Probe".
+# Phase 1, throughput (the kernel's BPF statistics off: they cost every program run two clock
+# reads). Each round runs none, floor, none, agent: every probe leg sits between
+# two no-probe legs and is divided by their mean, so the drift of a shared machine (its speed
+# wanders by 5-10 % over minutes) cancels to first order; ratios are summarised as the median
+# over rounds, with the quartiles. The agent's user+sys CPU and peak RSS are read over its
+# legs. The generator (tests/load/churn.c) runs in a network namespace of its own
+# (tcp_tw_reuse on, wide port range) so that TIME_WAIT does not cap the rate and so that the
+# harness can count exactly its connections (by netns) while others use the machine.
+#
+# Phase 2, completeness: `probe_bench full` counts the close events of the generator's
+# connections, the ring-buffer drops, and the kernel's BPF run time of the probe's programs
+# (statistics enabled only while it runs), against the same from `probe_bench floor`.
+# Needs root. Prints figures for docs/PERFORMANCE.md "## Probe".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-ROUNDS=${ROUNDS:-6}
-SECS=${SECONDS_PER_LEG:-4}
+ROUNDS=${ROUNDS:-16}
+SECS=${SECONDS_PER_LEG:-2}
 THREADS=${THREADS:-2}
+FULL_ROUNDS=${FULL_ROUNDS:-3}
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bench-probe.sh: loads eBPF programs and creates a network namespace: run as root" >&2
@@ -45,7 +54,10 @@ ip netns exec "$NS" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_ra
 NS_INODE=$(stat -L -c %i "/run/netns/$NS")
 TICK=$(getconf CLK_TCK)
 
-churn() { ip netns exec "$NS" "$work/churn" "$SECS" "$THREADS" | sed -n 's/.*rate=\([0-9]*\).*/\1/p'; }
+# Runs the generator for one leg; prints "connections=N seconds=S rate=R".
+churn() { ip netns exec "$NS" "$work/churn" "$SECS" "$THREADS"; }
+rate_of() { sed -n 's/.*rate=\([0-9]*\).*/\1/p' <<< "$1"; }
+made_of() { sed -n 's/.*connections=\([0-9]*\).*/\1/p' <<< "$1"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -58,69 +70,88 @@ start_harness() {
 }
 stop_harness() { exec {to_harness}>&-; for _ in $(seq 100); do [ "$(wc -l < "$work/harness.out")" -ge 2 ] && break; sleep 0.05; done; }
 
-printf 'round none floor agent full agent_cpu%% agent_rss_kb full_active_closes full_connections ringbuf_drops floor_bpf_ns/conn full_bpf_ns/conn\n' > "$work/rounds"
-for round in $(seq "$ROUNDS"); do
-  none=$(churn)
-
+leg_none() { rate_of "$(churn)"; }
+leg_floor() {
   start_harness "$HARNESS" floor
-  floorout=$(ip netns exec "$NS" "$work/churn" "$SECS" "$THREADS")
+  local out; out=$(churn)
   stop_harness
-  floor=$(sed -n 's/.*rate=\([0-9]*\).*/\1/p' <<< "$floorout")
-  floor_made=$(sed -n 's/.*connections=\([0-9]*\).*/\1/p' <<< "$floorout")
-  floor_ns=$(tail -1 "$work/harness.out" | sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p')
-
-  port=$(free_port)
+  rate_of "$out"
+}
+# Prints "rate cpu_percent rss_kb".
+leg_agent() {
+  local port; port=$(free_port)
   "$AGENT" run --admin-addr "127.0.0.1:$port" --node-name bench --cache-dir "$work/cache" \
     2> "$work/agent.log" & bg_pid=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
+  local t0 s0 out t1 s1 rss state
   t0=$(cpu_ticks "$bg_pid"); s0=$(date +%s.%N)
-  agent=$(churn)
+  out=$(churn)
   t1=$(cpu_ticks "$bg_pid"); s1=$(date +%s.%N)
   rss=$(awk '/VmHWM/ { print $2 }' "/proc/$bg_pid/status")
   state=$(curl -fs "http://127.0.0.1:$port/status" | python3 -c 'import json,sys; print(json.load(sys.stdin)["probe"]["state"])')
   kill "$bg_pid"; wait "$bg_pid" || true; bg_pid=
   [ "$state" = running ] || { echo "agent probe state: $state" >&2; cat "$work/agent.log" >&2; exit 1; }
-  cpu=$(awk -v a="$t0" -v b="$t1" -v s0="$s0" -v s1="$s1" -v hz="$TICK" 'BEGIN { printf "%.2f", 100 * (b - a) / hz / (s1 - s0) }')
+  awk -v r="$(rate_of "$out")" -v a="$t0" -v b="$t1" -v s0="$s0" -v s1="$s1" -v hz="$TICK" -v rss="$rss" \
+    'BEGIN { printf "%s %.2f %s\n", r, 100 * (b - a) / hz / (s1 - s0), rss }'
+}
 
-  start_harness "$HARNESS" full "$NS_INODE"
-  fullout=$(ip netns exec "$NS" "$work/churn" "$SECS" "$THREADS")
+echo "phase 1: throughput, $ROUNDS rounds of none/floor/none/agent, ${SECS} s legs, $THREADS client threads" >&2
+printf 'round none1 floor none2 agent agent_cpu%% agent_rss_kb\n' > "$work/rounds"
+n_prev=$(leg_none)
+for round in $(seq "$ROUNDS"); do
+  f=$(leg_floor)
+  n_mid=$(leg_none)
+  read -r a cpu rss <<< "$(leg_agent)"
+  n_next=$(leg_none)
+  # floor between n_prev and n_mid, agent between n_mid and n_next
+  printf '%s %s %s %s %s %s %s %s\n' "$round" "$n_prev" "$f" "$n_mid" "$a" "$cpu" "$rss" "$n_next" >> "$work/rounds"
+  echo "round $round: none=$n_prev floor=$f none=$n_mid agent=$a (cpu ${cpu}%, rss ${rss} kB) none=$n_next" >&2
+  n_prev=$n_next
+done
+
+echo "phase 2: completeness and kernel time, $FULL_ROUNDS rounds of floor and full harness" >&2
+printf 'round floor_conns floor_bpf_ns full_conns active_closes ringbuf_drops full_bpf_ns\n' > "$work/full"
+for round in $(seq "$FULL_ROUNDS"); do
+  start_harness "$HARNESS" floor --stats
+  fout=$(churn)
   stop_harness
-  full=$(sed -n 's/.*rate=\([0-9]*\).*/\1/p' <<< "$fullout")
-  made=$(sed -n 's/.*connections=\([0-9]*\).*/\1/p' <<< "$fullout")
+  fns=$(tail -1 "$work/harness.out" | sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p')
+  start_harness "$HARNESS" full "$NS_INODE" --stats
+  out=$(churn)
+  stop_harness
   result=$(tail -1 "$work/harness.out")
-  active=$(sed -n 's/.*active_closes=\([0-9]*\).*/\1/p' <<< "$result")
-  rbdrops=$(sed -n 's/.*"ring_buffer_full": \([0-9]*\).*/\1/p' <<< "$result")
-  full_ns=$(sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p' <<< "$result")
-  echo "round $round: none=$none floor=$floor agent=$agent full=$full agent_cpu=${cpu}% rss=${rss}kB | $result" >&2
-  fpc=$(awk -v n="$floor_ns" -v c="$floor_made" 'BEGIN { printf "%.0f", n / c }')
-  apc=$(awk -v n="$full_ns" -v c="$made" 'BEGIN { printf "%.0f", n / c }')
-  printf '%s %s %s %s %s %s %s %s %s %s %s %s\n' "$round" "$none" "$floor" "$agent" "$full" "$cpu" "$rss" "$active" "$made" "${rbdrops:-?}" "$fpc" "$apc" >> "$work/rounds"
+  echo "round $round: $out | $result" >&2
+  printf '%s %s %s %s %s %s %s\n' "$round" "$(made_of "$fout")" "$fns" "$(made_of "$out")" \
+    "$(sed -n 's/.*active_closes=\([0-9]*\).*/\1/p' <<< "$result")" \
+    "$(sed -n 's/.*"ring_buffer_full": \([0-9]*\).*/\1/p' <<< "$result")" \
+    "$(sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p' <<< "$result")" >> "$work/full"
 done
 
 echo
-column -t "$work/rounds"
+awk '{ print $1, $2, $3, $4, $5, $8, $6, $7 }' "$work/rounds" | sed '1s/.*/round none floor none agent none agent_cpu% agent_rss_kb/' | column -t
 echo
-awk 'NR > 1 {
-  n++; rn[n] = $2; rf[n] = $3; ra[n] = $4; rfull[n] = $5;
-  af[n] = $4 / $2; ff[n] = $3 / $2; al[n] = $4 / $3;
-  cpu += $6; rate += $4; if ($7 > rss) rss = $7;
-  if ($8 < $9) incomplete++; drops += $10; act += $8; made += $9
-  fns[n] = $11; pns[n] = $12; cpn[n] = $6 / 100 * 1e9 / $4
+column -t "$work/full"
+echo
+awk -v secs="$SECS" -v threads="$THREADS" '
+function sort(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } }
+function q(a, n, p,   b, i, k) { for (i = 1; i <= n; i++) b[i] = a[i]; sort(b, n); k = 1 + p * (n - 1); i = int(k); return (i >= n) ? b[n] : b[i] + (k - i) * (b[i + 1] - b[i]) }
+FNR == 1 { file++; next }
+file == 1 {
+  n++; none = ($2 + $4 + $8) / 3
+  fr[n] = $3 / (($2 + $4) / 2); ar[n] = $5 / (($4 + $8) / 2); af[n] = ar[n] / fr[n]
+  nn += none; ff += $3; aa += $5; cpu += $6; if ($7 > rss) rss = $7
+  cpn[n] = $6 / 100 * 1e9 / $5
 }
-function median(a, n,   i, j, t, b) { for (i = 1; i <= n; i++) b[i] = a[i];
-  for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (b[j] < b[i]) { t = b[i]; b[i] = b[j]; b[j] = t }
-  return (n % 2) ? b[(n + 1) / 2] : (b[n / 2] + b[n / 2 + 1]) / 2 }
-function mean(a, n,   i, s) { s = 0; for (i = 1; i <= n; i++) s += a[i]; return s / n }
+file == 2 {
+  m++; fbpf[m] = $3 / $2; pbpf[m] = $7 / $4; made += $4; act += $5; drops += $6
+  if ($5 < $4) short++
+}
 END {
-  printf "rounds: %d, %s s per leg, %s client threads\n", n, '"$SECS"', '"$THREADS"'
-  printf "conn/s mean: none %.0f, floor %.0f, agent %.0f, probe harness %.0f\n", mean(rn, n), mean(rf, n), mean(ra, n), mean(rfull, n)
-  printf "agent/none: median %.3f, mean %.3f\n", median(af, n), mean(af, n)
-  printf "floor/none: median %.3f, mean %.3f\n", median(ff, n), mean(ff, n)
-  printf "agent/floor: median %.3f, mean %.3f\n", median(al, n), mean(al, n)
-  printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s; peak RSS %.1f MB\n", cpu / n, rate / n, (cpu / n) / (rate / n / 10000), rss / 1024
-  printf "kernel BPF time per connection (both ends, all programs): floor %.0f ns, probe %.0f ns (medians)\n", median(fns, n), median(pns, n)
-  printf "agent process CPU per connection: %.0f ns (median)\n", median(cpn, n)
-  budget = 2e9 / median(rn, n)
-  printf "cost model (noise-free): 2 cores / %.0f conn/s = %.0f ns of CPU per connection; probe adds %.0f ns (kernel) + %.0f ns (agent) = %.2f%%, floor %.2f%% -> expected agent/none %.3f, agent/floor %.3f\n", median(rn, n), budget, median(pns, n), median(cpn, n), 100 * (median(pns, n) + median(cpn, n)) / budget, 100 * median(fns, n) / budget, 1 / (1 + (median(pns, n) + median(cpn, n)) / budget), (1 + median(fns, n) / budget) / (1 + (median(pns, n) + median(cpn, n)) / budget)
-  printf "completeness (harness): %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, incomplete, drops
-}' "$work/rounds"
+  printf "phase 1: %d rounds, %s s legs, %s client threads; conn/s mean: none %.0f, floor %.0f, agent %.0f\n", n, secs, threads, nn / n, ff / n, aa / n
+  printf "floor/none:  median %.3f (quartiles %.3f-%.3f)\n", q(fr, n, 0.5), q(fr, n, 0.25), q(fr, n, 0.75)
+  printf "agent/none:  median %.3f (quartiles %.3f-%.3f)   target >= 0.95\n", q(ar, n, 0.5), q(ar, n, 0.25), q(ar, n, 0.75)
+  printf "agent/floor: median %.3f (quartiles %.3f-%.3f)   target >= 0.97\n", q(af, n, 0.5), q(af, n, 0.25), q(af, n, 0.75)
+  printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
+  printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
+  printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
+}' "$work/rounds" "$work/full"

@@ -3,10 +3,11 @@
 //! `probe_bench floor` attaches only counting programs, on the same tracepoints as the probe
 //! (the floor of any design on them); `probe_bench full NETNS_INODE` runs the agent's probe
 //! (kernel programs, ring buffer reader, enrichment, bounded channels) and counts the events
-//! of connections in the
-//! given network namespace, where the load generator runs. Both run until stdin closes, then
-//! print one line of `key=value` results, including the kernel run time of the programs
-//! (`bpf_ns`, from the kernel's BPF run-time statistics, enabled while the harness runs).
+//! of connections in the given network namespace, where the load generator runs. Both run
+//! until stdin closes, then print one line of `key=value` results. With `--stats` (last
+//! argument) the kernel's BPF run-time statistics are on while the harness runs and the line
+//! has the programs' run time (`bpf_ns`); they cost every program run two clock reads, so
+//! throughput legs run without them.
 
 use std::{io::Read as _, time::Duration};
 
@@ -34,9 +35,14 @@ fn wait_for_stdin_eof() {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
     // Kernel-wide BPF run-time statistics, on while this fd is open (restored at exit).
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let _stats = if args.last().is_some_and(|a| a == "--stats") {
+        args.pop();
+        Some(aya::sys::enable_stats(aya::sys::Stats::RunTime)?)
+    } else {
+        None
+    };
     match args.get(1).map(String::as_str) {
         Some("floor") => {
             let floor = FloorProbe::attach()?;
@@ -56,7 +62,9 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("usage: probe_bench full NETNS_INODE"))?;
             full(netns)
         }
-        _ => anyhow::bail!("usage: probe_bench floor | probe_bench full NETNS_INODE"),
+        _ => anyhow::bail!(
+            "usage: probe_bench floor [--stats] | probe_bench full NETNS_INODE [--stats]"
+        ),
     }
 }
 

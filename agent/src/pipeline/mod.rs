@@ -1,7 +1,7 @@
 //! The pipeline from the probe to the exporters: enrichment, batching, the plugin chain.
 //!
 //! Every hop is a bounded channel; when one is full the sender drops and counts, so nothing
-//! ever blocks the probe's ring-buffer reader. Events arrive in batches ([`channel`], bounded
+//! ever blocks the probe's ring-buffer reader. Events arrive in batches ([`channel()`], bounded
 //! in events; the probe sends one batch per drain of its ring buffer, [`PipelineInput`] sends
 //! without waiting); [`run`] re-batches them by size and time, applies the current plugin
 //! chain to each batch and hands it to the exporter, whose queue drops its oldest requests

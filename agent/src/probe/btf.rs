@@ -94,6 +94,8 @@ const FIELDS: &[Field] = &[
         &[],
         skc_v6_rcv_saddr
     ),
+    field!("sock", "__sk_common.skc_state", &[], skc_state),
+    field!("inet_sock", "inet_sport", &[], inet_sport),
 ];
 
 /// Every field that needs BTF: what the probe lacks when there is none at all.

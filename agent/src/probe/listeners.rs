@@ -1,13 +1,12 @@
 //! Listening sockets that were open before the probe started, and the processes that hold them.
 //!
-//! The kernel programs record the owner of every listener created while they run (`listen()`
-//! runs in the owner's context) and attribute each passive open to the owner of the listener
-//! on its port, from the handshake on. A listener opened before the probe (every server on the
+//! The kernel programs write a record for every listener created while they run (`listen()`
+//! runs in the owner's context), and the agent attributes each passive open to the owner of
+//! the listener on its port, from the handshake on. A listener opened before the probe (every server on the
 //! node when the agent restarts) is found here once, at start, in /proc:
 //! `/proc/PID/ns/net` gives each process's network namespace, `/proc/PID/fd` its sockets (by
 //! inode), and `/proc/PID/net/tcp{,6}` of one process per namespace that namespace's listening
-//! sockets. The agent writes them into the kernel's `LISTENERS` map without replacing what the
-//! programs recorded meanwhile.
+//! sockets. The tracker takes them without replacing what the kernel's listen records say.
 
 use std::{
     collections::HashMap,
@@ -15,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use edgeward_common::{Owner, listener_key};
+use super::tracker::Owner;
 
 /// A listening TCP socket and the process that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,13 +25,6 @@ pub struct Listener {
     pub port: u16,
     /// Who holds it.
     pub owner: Owner,
-}
-
-impl Listener {
-    /// Its key in the `LISTENERS` map.
-    pub fn key(&self) -> u64 {
-        listener_key(self.netns, self.port)
-    }
 }
 
 /// The listening TCP sockets (IPv4 and IPv6) visible under `proc_root` with the process that
@@ -112,7 +104,6 @@ fn owner_of(proc_root: &Path, cgroup_root: &Path, pid: u32) -> Option<Owner> {
         pid,
         tgid: pid,
         comm,
-        sk: 0,
     })
 }
 
@@ -218,7 +209,6 @@ mod tests {
             .unwrap_or_else(|| panic!("port {port} of pid {me} not in {found:#?}"));
         let netns = link_number(Path::new("/proc/self/ns/net"), "net").unwrap();
         assert_eq!(u64::from(ours.netns), netns);
-        assert_eq!(ours.owner.sk, 0);
         assert_ne!(ours.owner.comm, [0; 16]);
         drop(listener);
     }

@@ -17,7 +17,7 @@ pub mod decode;
 pub mod enrich;
 pub mod event;
 pub mod listeners;
-mod opens;
+mod tracker;
 
 use std::{
     path::PathBuf,
@@ -30,10 +30,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{FExit, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
 };
-use edgeward_common::{ConnInfo, NO_OFFSET, Offsets, Owner, counter, report};
+use edgeward_common::{NO_OFFSET, Offsets, counter, report, wanted};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -311,8 +311,7 @@ const READ_PERIOD: Duration = Duration::from_millis(50);
 const ACCEPT_PROGRAM: &str = "conn_accept";
 const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 /// What is lost without the accept hook.
-const PASSIVE_UNTIL_CLOSE: &str =
-    "pid/comm of a passive open before its owner closes it (its open and update events have none)";
+const PASSIVE_UNTIL_CLOSE: &str = "pid/comm of the accepting process of a passive open: the listener's owner is reported, or for an unknown listener the closing process";
 
 /// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's update written.
 const REPORT_PROGRAM: &str = "conn_report";
@@ -328,11 +327,10 @@ struct DropLabels {
 pub mod drop_reason {
     /// The kernel could not reserve ring buffer space.
     pub const RING_BUFFER_FULL: &str = "ring_buffer_full";
-    /// A connection closed that the LRU map had no entry for (evicted, or older than the
-    /// probe).
+    /// A connection closed that the agent's table of connections in flight did not hold:
+    /// evicted while open (more than `max_connections` in flight), older than the probe, or
+    /// whose start record was lost.
     pub const UNTRACKED: &str = "untracked";
-    /// The kernel could not insert a connection into the LRU map.
-    pub const MAP_INSERT_FAILED: &str = "map_insert_failed";
     /// The reader → enrichment channel was full.
     pub const READER_CHANNEL_FULL: &str = "reader_channel_full";
     /// The enrichment → consumer channel was full.
@@ -344,6 +342,8 @@ pub mod drop_reason {
 /// Losses counted in userspace.
 #[derive(Debug, Default)]
 struct UserDrops {
+    /// Kept by the reader's tracker ([`tracker::Tracker::untracked`]).
+    untracked: AtomicU64,
     reader_full: AtomicU64,
     output_full: AtomicU64,
     undecodable: AtomicU64,
@@ -355,8 +355,16 @@ pub struct Probe {
     /// Kept alive: dropping it detaches the programs.
     ebpf: Ebpf,
     ring: Option<RingBuf<MapData>>,
-    /// The kernel's connections in flight, swept for idle ones (see `opens`).
-    conns: BpfHashMap<MapData, u64, ConnInfo>,
+    /// The switches of records the agent wants (`wanted`).
+    wanted: Option<Array<MapData, u32>>,
+    /// What the switches were last set to.
+    owners_wanted: bool,
+    /// The kernel runs `conn_report` for the sweep.
+    reports: bool,
+    /// The kernel's records carry network namespaces (BTF has `sk_net` and `net.ns.inum`).
+    netns_known: bool,
+    /// Owners of the listening sockets found in /proc at start, for the tracker.
+    listeners: Vec<listeners::Listener>,
     counters: PerCpuArray<MapData, u64>,
     config: ProbeConfig,
     out_tx: Option<BatchTx<ConnectionEvent>>,
@@ -463,22 +471,30 @@ impl ProbeConfig {
             notes.push(e);
             missing.push(loses);
         }
-        seed_listeners(&mut ebpf);
-        // Updates are written by a program the sweep runs; a kernel that cannot run it on
-        // demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no updates.
-        let updates = !self.update_interval.is_zero();
-        if updates && let Err(e) = load_report(&mut ebpf) {
-            let e = error_chain(&e);
-            tracing::warn!(error = %e, "update events unavailable");
-            notes.push(e);
-            missing.push(NO_UPDATES);
+        let listeners = scan_listeners();
+        // The sweep has the kernel report on connections: a kernel that cannot run that
+        // program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no
+        // updates.
+        let mut reports = false;
+        if self.sweep_period().is_some() {
+            match load_report(&mut ebpf) {
+                Ok(()) => reports = true,
+                Err(e) => {
+                    let e = error_chain(&e);
+                    tracing::warn!(error = %e, "connection reports unavailable: no update events");
+                    notes.push(e);
+                    if !self.update_interval.is_zero() {
+                        missing.push(NO_UPDATES);
+                    }
+                }
+            }
         }
         // The accept hook is an improvement, not a requirement: without it a passive open is
         // attributed when its owner closes it.
         let degraded = !missing.is_empty();
         let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
         if let Err(e) = &accept_hook {
-            tracing::info!(error = %e, "accept hook unavailable; passive opens are attributed when their owner closes them");
+            tracing::info!(error = %e, "accept hook unavailable; passive opens are attributed to the owner of their listener");
             missing.push(PASSIVE_UNTIL_CLOSE);
         }
         let ring = RingBuf::try_from(
@@ -497,14 +513,17 @@ impl ProbeConfig {
             name: "COUNTERS",
             source,
         })?;
-        let conns = BpfHashMap::try_from(
-            ebpf.take_map("CONNS")
-                .ok_or(ProbeError::MissingMap("CONNS"))?,
-        )
-        .map_err(|source| ProbeError::Map {
-            name: "CONNS",
-            source,
-        })?;
+        let mut wanted = ebpf
+            .take_map("WANTED")
+            .and_then(|m| Array::try_from(m).ok());
+        // Without reports the agent learns an active open's final addresses from the kernel
+        // at the end of the handshake.
+        if !reports
+            && let Some(w) = wanted.as_mut()
+            && let Err(e) = w.set(wanted::ESTABLISHED, 1, 0)
+        {
+            tracing::warn!(error = %e, "cannot switch on handshake records; long-lived active opens are reported without their local port");
+        }
         let (out_tx, out_rx) = channel::bounded(self.channel_capacity);
         let mut missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
         if let (Err(e), Some(last)) = (&accept_hook, missing_text.last_mut()) {
@@ -533,7 +552,11 @@ impl ProbeConfig {
         Ok(Probe {
             ebpf,
             ring: Some(ring),
-            conns,
+            wanted,
+            owners_wanted: false,
+            reports,
+            netns_known: offsets.sk_net != NO_OFFSET && offsets.net_inum != NO_OFFSET,
+            listeners,
             counters,
             config: self.clone(),
             out_tx: Some(out_tx),
@@ -569,7 +592,6 @@ impl ProbeConfig {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
-            .map_max_entries("CONNS", self.max_connections)
             .load(PROGRAMS)?;
         let mut lost = Vec::new();
         for hook in hooks(offsets) {
@@ -625,40 +647,19 @@ fn attach_tracepoint(
     Ok(())
 }
 
-/// Writes the listeners that were open before the probe into the kernel's `LISTENERS` map,
-/// so that their passive opens are attributed from the handshake on. An entry the programs
-/// wrote meanwhile (a `listen()` since they were attached) is newer and stays.
-fn seed_listeners(ebpf: &mut Ebpf) {
-    let Some(map) = ebpf.map_mut("LISTENERS") else {
-        tracing::warn!(
-            "eBPF map LISTENERS missing; older listeners' passive opens are attributed when closed"
-        );
-        return;
-    };
-    let mut map = match BpfHashMap::<_, u64, Owner>::try_from(map) {
-        Ok(map) => map,
-        Err(e) => {
-            tracing::warn!(error = %e, "eBPF map LISTENERS unusable; older listeners' passive opens are attributed when closed");
-            return;
-        }
-    };
+/// The listening sockets open before the probe, from /proc: the tracker attributes their
+/// passive opens from the handshake on.
+fn scan_listeners() -> Vec<listeners::Listener> {
     let cgroup_root = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()
         .and_then(|m| enrich::cgroup2_mount(&m))
         .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let found = listeners::scan(std::path::Path::new("/proc"), &cgroup_root);
-    let mut seeded = 0usize;
-    for listener in &found {
-        // BPF_NOEXIST: fails, as wanted, where the programs already know the port.
-        if map.insert(listener.key(), listener.owner, 1).is_ok() {
-            seeded += 1;
-        }
-    }
     tracing::info!(
         listeners = found.len(),
-        seeded,
-        "owners of the listening sockets open before the probe recorded"
+        "owners of the listening sockets open before the probe found"
     );
+    found
 }
 
 /// Loads `conn_report` and runs it once on no connection, which it must answer "gone": the
@@ -675,18 +676,16 @@ fn load_report(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
-    match run_report(prog, 0, 0).map_err(err)? {
+    match run_report(prog, 0).map_err(err)? {
         report::GONE => Ok(()),
         other => Err(ProbeError::ReportCheck(other)),
     }
 }
 
-/// Has the kernel write an update record for the connection at `sk` that started at
-/// `start_ns`; returns a [`report`] code.
-fn run_report(prog: &RawTracePoint, sk: u64, start_ns: u64) -> Result<u32, ProgramError> {
+/// Has the kernel write a report record for the socket at `sk`; returns a [`report`] code.
+fn run_report(prog: &RawTracePoint, sk: u64) -> Result<u32, ProgramError> {
     let mut opts = RawTracePointRunOptions::new();
     opts.args[0] = sk;
-    opts.args[1] = start_ns;
     Ok(prog.test_run(opts)?.return_value)
 }
 
@@ -806,10 +805,6 @@ pub struct KernelCounters {
     pub events: u64,
     /// Records lost to a full ring buffer.
     pub ring_buffer_full: u64,
-    /// Connections closed without a map entry.
-    pub untracked: u64,
-    /// Failed map inserts.
-    pub map_insert_failed: u64,
 }
 
 impl Probe {
@@ -842,8 +837,6 @@ impl Probe {
             state_changes: sum(counter::STATE_CHANGES),
             events: sum(counter::EVENTS),
             ring_buffer_full: sum(counter::RINGBUF_FULL),
-            untracked: sum(counter::UNTRACKED),
-            map_insert_failed: sum(counter::MAP_INSERT_FAILED),
         }
     }
 
@@ -882,7 +875,18 @@ impl Probe {
         let mut published = Published::default();
         self.publish(&mut published);
         let mut last_publish = tokio::time::Instant::now();
-        let mut opens = opens::Opens::default();
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut tracker = tracker::Tracker::new(
+            self.config.max_connections as usize,
+            nanos(self.config.open_delay),
+            nanos(self.config.update_interval),
+        );
+        for l in std::mem::take(&mut self.listeners) {
+            tracker.seed_listener(l.netns, l.port, l.owner);
+        }
+        if !self.netns_known {
+            tracker.want_owners_always();
+        }
         let sweep_every = self.config.sweep_period();
         let mut last_sweep = tokio::time::Instant::now();
         loop {
@@ -891,7 +895,7 @@ impl Probe {
                 _ = shutdown.cancelled() => break,
                 ready = tokio::time::timeout(READ_PERIOD, fd.readable_mut()) => match ready {
                     Ok(Ok(mut guard)) => {
-                        self.drain(guard.get_inner_mut(), &mut raw_tx, &mut opens);
+                        self.drain(guard.get_inner_mut(), &mut raw_tx, &mut tracker);
                         guard.clear_ready();
                         true
                     }
@@ -903,42 +907,42 @@ impl Probe {
                 },
             };
             if !woken {
-                self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
+                self.drain(fd.get_mut(), &mut raw_tx, &mut tracker);
             }
             if let Some(every) = sweep_every
                 && last_sweep.elapsed() >= every
             {
                 last_sweep = tokio::time::Instant::now();
-                let seen = self.sweep(&mut opens, &mut raw_tx);
-                // The updates just written, and closes of connections the sweep no longer
-                // found, are in the ring by now.
-                self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
-                opens.forget_missing(&seen);
+                self.sweep(&mut tracker, &mut raw_tx);
+                // The reports just written are in the ring by now.
+                self.drain(fd.get_mut(), &mut raw_tx, &mut tracker);
             }
+            self.want_owners(tracker.owners_wanted(decode::monotonic_ns()));
             if last_publish.elapsed() >= Duration::from_secs(1) {
                 last_publish = tokio::time::Instant::now();
                 self.publish(&mut published);
             }
         }
-        self.drain(fd.get_mut(), &mut raw_tx, &mut opens);
+        self.drain(fd.get_mut(), &mut raw_tx, &mut tracker);
         drop(raw_tx);
         let _ = enrichment.await;
         self.publish(&mut published);
         tracing::info!("eBPF probe detached");
     }
 
-    /// Reads every record waiting in the ring buffer; never blocks.
+    /// Reads every record waiting in the ring buffer and joins them into connection events;
+    /// never blocks.
     fn drain(
         &self,
         ring: &mut RingBuf<MapData>,
         raw_tx: &mut BatchSender,
-        opens: &mut opens::Opens,
+        tracker: &mut tracker::Tracker,
     ) {
         let mut read = 0u64;
         while let Some(item) = ring.next() {
             read += 1;
             match decode::read_raw(&item) {
-                Ok(raw) => raw_tx.push(opens.on_record(raw)),
+                Ok(raw) => tracker.on_record(raw, &mut |record| raw_tx.push(record)),
                 Err(e) => {
                     self.drops.undecodable.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "undecodable probe record");
@@ -947,68 +951,45 @@ impl Probe {
         }
         raw_tx.flush();
         self.drops.read.fetch_add(read, Ordering::Relaxed);
+        self.drops
+            .untracked
+            .store(tracker.untracked, Ordering::Relaxed);
     }
 
-    /// One sweep of `CONNS`: reports the open of every connection older than `open_delay`
-    /// that has none yet, then has the kernel write an update record for every open
-    /// connection due one. Returns the connections whose open the agent has reported, for
-    /// [`opens::Opens::forget_missing`].
-    fn sweep(
-        &mut self,
-        opens: &mut opens::Opens,
-        raw_tx: &mut BatchSender,
-    ) -> std::collections::HashSet<opens::Key> {
-        let entries = self.entries();
-        let now = decode::monotonic_ns();
-        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let delay = nanos(self.config.open_delay);
-        let seen = if delay > 0 {
-            opens.sweep(entries.iter().copied(), now, delay, &mut |raw| {
-                raw_tx.push(opens::Record::new(raw))
-            })
-        } else {
-            std::collections::HashSet::new()
-        };
-        // The opens go first: updates come out of the ring buffer after them.
+    /// One sweep of the tracker's table: announces long-lived connections, and has the
+    /// kernel report on those it must say more about and on those due an update.
+    fn sweep(&mut self, tracker: &mut tracker::Tracker, raw_tx: &mut BatchSender) {
+        let ask = tracker.sweep(decode::monotonic_ns(), &mut |record| raw_tx.push(record));
         raw_tx.flush();
-        let interval = nanos(self.config.update_interval);
-        let Some(program) = self
+        let program = self
             .ebpf
             .program(REPORT_PROGRAM)
             .and_then(|p| <&RawTracePoint>::try_from(p).ok())
-        else {
-            return seen;
+            .filter(|_| self.reports);
+        let Some(program) = program else {
+            return;
         };
-        for (sk, info) in &entries {
-            let announced = opens.is_announced(&(*sk, info.start_ns));
-            if !update_due(info, now, interval, announced) {
-                continue;
-            }
-            if let Err(e) = run_report(program, *sk, info.start_ns)
+        for sk in ask {
+            if let Err(e) = run_report(program, sk)
                 && !self.warned_report
             {
                 self.warned_report = true;
-                tracing::warn!(error = %error_chain(&e), "the kernel did not write an update; updates may be missing");
+                tracing::warn!(error = %error_chain(&e), "the kernel did not write a connection report; opens or updates may be late");
             }
         }
-        seen
     }
 
-    /// The entries of `CONNS`, read once each. When the key the walk stands on is deleted
-    /// (the connection closed), the kernel restarts the walk from the first key; the walk stops
-    /// there rather than going round again under churn, and never reads more than
-    /// `max_connections` entries. A connection it misses is found by a later sweep.
-    fn entries(&self) -> Vec<(u64, ConnInfo)> {
-        let mut visited = std::collections::HashSet::new();
-        let mut entries = Vec::new();
-        for entry in self.conns.iter().take(self.config.max_connections as usize) {
-            let Ok((sk, info)) = entry else { break };
-            if !visited.insert(sk) {
-                break;
-            }
-            entries.push((sk, info));
+    /// Switches the kernel's owner records on or off.
+    fn want_owners(&mut self, on: bool) {
+        if on == self.owners_wanted {
+            return;
         }
-        entries
+        if let Some(w) = self.wanted.as_mut() {
+            match w.set(wanted::OWNERS, u32::from(on), 0) {
+                Ok(()) => self.owners_wanted = on,
+                Err(e) => tracing::debug!(error = %e, "switching owner records failed"),
+            }
+        }
     }
 
     fn publish(&self, last: &mut Published) {
@@ -1018,8 +999,7 @@ impl Probe {
             state_changes: k.state_changes,
             events: read,
             ring_buffer_full: k.ring_buffer_full,
-            untracked: k.untracked,
-            map_insert_failed: k.map_insert_failed,
+            untracked: self.drops.untracked.load(Ordering::Relaxed),
             reader_full: self.drops.reader_full.load(Ordering::Relaxed),
             output_full: self.drops.output_full.load(Ordering::Relaxed),
             undecodable: self.drops.undecodable.load(Ordering::Relaxed),
@@ -1053,14 +1033,13 @@ struct Published {
     events: u64,
     ring_buffer_full: u64,
     untracked: u64,
-    map_insert_failed: u64,
     reader_full: u64,
     output_full: u64,
     undecodable: u64,
 }
 
 impl Published {
-    fn drop_pairs(&self, old: &Published) -> [(&'static str, u64, u64); 6] {
+    fn drop_pairs(&self, old: &Published) -> [(&'static str, u64, u64); 5] {
         [
             (
                 drop_reason::RING_BUFFER_FULL,
@@ -1068,11 +1047,6 @@ impl Published {
                 old.ring_buffer_full,
             ),
             (drop_reason::UNTRACKED, self.untracked, old.untracked),
-            (
-                drop_reason::MAP_INSERT_FAILED,
-                self.map_insert_failed,
-                old.map_insert_failed,
-            ),
             (
                 drop_reason::READER_CHANNEL_FULL,
                 self.reader_full,
@@ -1088,18 +1062,6 @@ impl Published {
     }
 }
 
-/// Whether the sweep should have the kernel write an update for this `CONNS` entry now:
-/// updates are on (`interval_ns` > 0), the connection is established, not closing, its open
-/// has been reported (by the kernel, or by the agent: `announced`), and its last open or
-/// update record is at least `interval_ns` old.
-fn update_due(info: &ConnInfo, now_ns: u64, interval_ns: u64, announced: bool) -> bool {
-    interval_ns > 0
-        && info.established != 0
-        && info.closed == 0
-        && (info.opened != 0 || announced)
-        && now_ns.saturating_sub(info.last_emit_ns) >= interval_ns
-}
-
 /// Records a batch holds at most: one drain of the ring buffer is handed over in batches of
 /// this size, so the reader and the enrichment thread meet once per batch rather than once
 /// per record (each meeting is a channel operation and, often, a wakeup).
@@ -1109,14 +1071,14 @@ const BATCH: usize = 1024;
 /// which goes over whole. The channel is bounded in records: a batch that does not fit is
 /// dropped and counted, so the reader never waits.
 struct BatchSender {
-    tx: BatchTx<opens::Record>,
-    batch: Vec<opens::Record>,
+    tx: BatchTx<tracker::Record>,
+    batch: Vec<tracker::Record>,
     drops: Arc<UserDrops>,
     warned_full: bool,
 }
 
 impl BatchSender {
-    fn new(tx: BatchTx<opens::Record>, drops: Arc<UserDrops>) -> Self {
+    fn new(tx: BatchTx<tracker::Record>, drops: Arc<UserDrops>) -> Self {
         Self {
             tx,
             batch: Vec::new(),
@@ -1127,7 +1089,7 @@ impl BatchSender {
 
     /// Adds a record to the batch; sends the batch when it is full (at most [`BATCH`]
     /// records, and never more than the channel holds).
-    fn push(&mut self, record: opens::Record) {
+    fn push(&mut self, record: tracker::Record) {
         self.batch.push(record);
         if self.batch.len() >= BATCH.min(self.tx.max_items()) {
             self.flush();
@@ -1161,7 +1123,7 @@ impl BatchSender {
 /// Decodes and enriches records on a blocking thread (it reads /proc and cgroupfs), and hands
 /// each batch on whole.
 fn enrich_loop(
-    mut raw_rx: BatchRx<opens::Record>,
+    mut raw_rx: BatchRx<tracker::Record>,
     out_tx: BatchTx<ConnectionEvent>,
     drops: Arc<UserDrops>,
     cache_size: usize,
@@ -1193,7 +1155,7 @@ struct Enrichment {
 impl Enrichment {
     /// Decodes and enriches a batch of records and hands the events on as one batch, with
     /// the opens the agent reports for the kernel before their closes.
-    fn batch(&mut self, records: &[opens::Record]) {
+    fn batch(&mut self, records: &[tracker::Record]) {
         let mut events = self.out_tx.buffer();
         events.reserve(records.len() * 2);
         for record in records {
@@ -1207,7 +1169,7 @@ impl Enrichment {
             };
             self.enricher.enrich(&mut event);
             if record.open_first {
-                events.push(opens::open_from_close(&event));
+                events.push(tracker::open_from_close(&event));
             }
             events.push(event);
         }
@@ -1244,34 +1206,14 @@ impl Enrichment {
 mod tests {
     use super::*;
 
-    fn record(sk: u64) -> opens::Record {
-        opens::Record::new(opens::open_from_entry(sk, &opens::tests::entry(1, 0), 2))
-    }
-
-    #[test]
-    fn updates_are_due_for_open_connections_once_their_interval_has_passed() {
-        let open = opens::tests::entry(1_000, 1);
-        assert!(update_due(&open, 1_500, 500, false));
-        assert!(!update_due(&open, 1_499, 500, false), "not yet");
-        assert!(!update_due(&open, 1_500, 0, false), "updates off");
-        let unreported = opens::tests::entry(1_000, 0);
-        assert!(!update_due(&unreported, 9_000, 500, false), "no open yet");
-        assert!(
-            update_due(&unreported, 9_000, 500, true),
-            "open reported by the agent"
-        );
-        let connecting = ConnInfo {
-            established: 0,
-            ..open
-        };
-        assert!(!update_due(&connecting, 9_000, 500, true));
-        let closing = ConnInfo { closed: 1, ..open };
-        assert!(!update_due(&closing, 9_000, 500, true));
-        let updated = ConnInfo {
-            last_emit_ns: 8_800,
-            ..open
-        };
-        assert!(!update_due(&updated, 9_000, 500, true), "updated recently");
+    fn record(sk: u64) -> tracker::Record {
+        tracker::Record {
+            raw: edgeward_common::RawEvent {
+                sk,
+                ..Default::default()
+            },
+            open_first: false,
+        }
     }
 
     #[test]

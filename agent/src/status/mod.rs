@@ -112,9 +112,10 @@ pub struct ProbeStatus {
     pub reason: Option<String>,
     /// Kernel events seen.
     pub events: u64,
-    /// Events lost (ring buffer full, map evictions, channel full).
+    /// Events lost (ring buffer full, connections forgotten or older than the probe, channel
+    /// full).
     pub drops: u64,
-    /// `drops` by reason (`ring_buffer_full`, `untracked`, `map_insert_failed`,
+    /// `drops` by reason (`ring_buffer_full`, `untracked`,
     /// `reader_channel_full`, `output_channel_full`, `undecodable`).
     #[serde(default)]
     pub drop_reasons: std::collections::BTreeMap<String, u64>,

@@ -4,6 +4,10 @@
 //! and the ring buffer, and the user side can read it back byte for byte. With the `user`
 //! feature the types implement [`aya::Pod`], which aya requires to read them out of maps and to
 //! pass them as globals.
+//!
+//! The kernel programs keep no state per connection: each state change that matters writes a
+//! record ([`RawEvent`], [`kind`]) to the ring buffer, and the agent joins a connection's
+//! records (its connect or accept, then its close) in a table of its own.
 #![no_std]
 
 /// Indexes into the per-CPU `COUNTERS` array map that every kernel program updates.
@@ -17,39 +21,65 @@ pub mod counter {
     pub const EVENTS: u32 = 1;
     /// Records lost because the ring buffer was full.
     pub const RINGBUF_FULL: u32 = 2;
-    /// Connections that closed without an entry in the `CONNS` map: evicted by the LRU map
-    /// while open, or opened before the probe was attached. Their close is still reported,
-    /// without process and start time.
-    pub const UNTRACKED: u32 = 3;
-    /// Inserts into the `CONNS` map that failed.
-    pub const MAP_INSERT_FAILED: u32 = 4;
     /// Runs of the benchmark floor's counting program on the other tracepoint the probe may
     /// use (`tcp:tcp_retransmit_skb`).
-    pub const FLOOR_OTHER: u32 = 5;
+    pub const FLOOR_OTHER: u32 = 3;
     /// Number of slots in the `COUNTERS` map.
-    pub const LEN: u32 = 6;
+    pub const LEN: u32 = 4;
+}
+
+/// Slots of the `WANTED` array map: records the agent switches on while it needs them.
+pub mod wanted {
+    /// Owner records at `-> FIN_WAIT1` / `-> LAST_ACK`: the agent holds passive opens whose
+    /// listener it does not know.
+    pub const OWNERS: u32 = 0;
+    /// Open records at the end of every active handshake: the agent cannot run `conn_report`
+    /// (no `BPF_PROG_TEST_RUN` of raw tracepoints), so it learns final addresses this way.
+    pub const ESTABLISHED: u32 = 1;
+    /// Number of slots.
+    pub const LEN: u32 = 2;
 }
 
 /// What `conn_report` returns. The agent runs that program on demand (`BPF_PROG_TEST_RUN`)
-/// to have a live connection's counters written as an update record.
+/// to have a live connection's state, addresses and counters written as a
+/// [`kind::REPORT`] record.
 pub mod report {
-    /// The update record was written.
+    /// The record was written.
     pub const WRITTEN: u32 = 0;
-    /// The connection is gone or closing (no entry, another connection at the same socket
-    /// address, or its close already under way): nothing written.
+    /// The socket could not be read (no socket given): nothing written.
     pub const GONE: u32 = 1;
     /// The ring buffer was full (counted as a loss).
     pub const RING_FULL: u32 = 2;
 }
 
-/// Kind of a [`RawEvent`].
+/// Kind of a [`RawEvent`]: the connection events the agent reports (open, update, close), and
+/// the records the kernel writes for the agent to join into them.
 pub mod kind {
-    /// The connection is established (active) or accepted (passive).
+    /// An open. From the kernel only with `open_delay_ns` 0, for an active open at the end of
+    /// its handshake (with its final addresses).
     pub const OPEN: u8 = 1;
-    /// Periodic counters of an open connection.
+    /// Periodic counters of an open connection (the agent makes these from reports).
     pub const UPDATE: u8 = 2;
-    /// The connection reached `TCP_CLOSE`.
+    /// The socket reached `TCP_CLOSE`: final addresses, counters, `sk_err`, the state it
+    /// left (`oldstate`); no start time (the agent has it).
     pub const CLOSE: u8 = 3;
+    /// `connect()` (`-> SYN_SENT`, process context): the start time, the owner, the peer.
+    pub const CONNECT: u8 = 4;
+    /// A passive open's handshake completed (`SYN_RECV -> ESTABLISHED`): the start time,
+    /// addresses, network namespace; no owner (the agent knows the listener's).
+    pub const ACCEPT: u8 = 5;
+    /// The owner of a socket, written from its owner's context (`close()`/`shutdown()`, or
+    /// `accept()` where the kernel allows the fexit hook) when the agent asked for owners.
+    pub const OWNER: u8 = 6;
+    /// `listen()`: the owner of a listening socket, its network namespace and port.
+    pub const LISTEN: u8 = 7;
+    /// A listening socket closed.
+    pub const UNLISTEN: u8 = 8;
+    /// One retransmitted segment (only where BTF lacks `tcp_sock.total_retrans`).
+    pub const RETRANSMIT: u8 = 9;
+    /// `conn_report`'s answer: the socket's current state (in `oldstate`), addresses and
+    /// counters.
+    pub const REPORT: u8 = 10;
 }
 
 /// Direction of a connection in a [`RawEvent`].
@@ -69,11 +99,10 @@ pub mod flags {
     pub const NETNS: u16 = 1 << 1;
     /// `sk_err` is set.
     pub const SK_ERR: u16 = 1 << 2;
-    /// pid, tgid, comm and cgroup id are those of the process that opened or accepted it.
+    /// pid, tgid, comm and cgroup id are those of the connection's owner.
     pub const PROCESS: u16 = 1 << 3;
-    /// Close records: an open record was written for this connection. Without it the agent
-    /// reports the open itself (a connection that closed within `open_delay_ns`).
-    pub const OPEN_REPORTED: u16 = 1 << 4;
+    /// The addresses and ports are set (local port 0 while an active open is in `SYN_SENT`).
+    pub const ADDRESSES: u16 = 1 << 4;
 }
 
 /// Unknown offset in [`Offsets`].
@@ -97,7 +126,8 @@ pub struct Offsets {
     pub total_retrans: u32,
     /// `sock.sk_err` (int).
     pub sk_err: u32,
-    /// `sock.__sk_common.skc_net.net` (pointer to `struct net`).
+    /// `sock.__sk_common.skc_net.net` (pointer to `struct net`); part of the head read when
+    /// it lies within [`Offsets::sock_head_len`].
     pub sk_net: u32,
     /// `net.ns.inum` (u32).
     pub net_inum: u32,
@@ -105,10 +135,9 @@ pub struct Offsets {
     /// record). The reader also drains the buffer on a short timer, so records below the
     /// threshold are late by at most that period, never lost.
     pub wakeup_bytes: u64,
-    /// 0: write every open record as the connection is established. Otherwise the kernel
-    /// writes none: the agent reports the open of a connection from its close record, or from
-    /// its `CONNS` entry once it has lived this long. Short connections then cost one record
-    /// per end instead of two.
+    /// 0: an active open writes an [`kind::OPEN`] record when its handshake completes, so
+    /// that the agent reports it at once. Otherwise the agent reports the open of a
+    /// connection from its close record, or from a report once it has lived this long.
     pub open_delay_ns: u64,
     /// Start of the smallest 8-aligned span of `tcp_sock` that holds the five counters above
     /// (`srtt_us` … `total_retrans`), or [`NO_OFFSET`]: the programs then read each counter
@@ -132,6 +161,11 @@ pub struct Offsets {
     pub skc_v6_daddr: u32,
     /// `sock.__sk_common.skc_v6_rcv_saddr` (16 bytes).
     pub skc_v6_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_state` (u8).
+    pub skc_state: u32,
+    /// `inet_sock.inet_sport` (be16): the local port of a closing socket, whose `skc_num` the
+    /// kernel has already released when it held an automatically chosen port.
+    pub inet_sport: u32,
     /// Bytes from the start of `sock` that hold all the `skc_*` fields above, at most
     /// [`SOCK_HEAD_MAX`]; 0 when one is unknown or lies further in. The raw-tracepoint
     /// programs read this head in one go and need it set.
@@ -169,11 +203,14 @@ impl Offsets {
         skc_rcv_saddr: NO_OFFSET,
         skc_v6_daddr: NO_OFFSET,
         skc_v6_rcv_saddr: NO_OFFSET,
+        skc_state: NO_OFFSET,
+        inet_sport: NO_OFFSET,
         sock_head_len: 0,
         _pad: 0,
     };
 
-    /// Sets [`Offsets::sock_head_len`] from the `skc_*` offsets.
+    /// Sets [`Offsets::sock_head_len`] from the `skc_*` offsets (and `sk_net`, which the
+    /// programs then take from the head too when it lies within).
     pub fn set_sock_head(&mut self) {
         let fields = [
             (self.skc_family, 2),
@@ -183,6 +220,7 @@ impl Offsets {
             (self.skc_rcv_saddr, 4),
             (self.skc_v6_daddr, 16),
             (self.skc_v6_rcv_saddr, 16),
+            (self.skc_state, 1),
         ];
         self.sock_head_len = 0;
         let Some((_, end)) = extent(&fields) else {
@@ -240,88 +278,14 @@ fn extent(fields: &[(u32, u32)]) -> Option<(u32, u32)> {
     Some(span)
 }
 
-/// What the kernel keeps per in-flight connection (value of the `CONNS` LRU map, keyed by the
-/// socket's kernel address).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct ConnInfo {
-    /// `bpf_ktime_get_ns` when the open started (SYN sent, or the handshake completed).
-    pub start_ns: u64,
-    /// `bpf_ktime_get_ns` of the last open or update record written for it (its start until
-    /// then); the agent's sweep times updates from it.
-    pub last_emit_ns: u64,
-    /// cgroup v2 id of the owning process.
-    pub cgroup_id: u64,
-    /// Thread id of the owning process (0 until known).
-    pub pid: u32,
-    /// Thread group id of the owning process (0 until known).
-    pub tgid: u32,
-    /// `comm` of the owning process.
-    pub comm: [u8; 16],
-    /// Retransmits counted by `tcp:tcp_retransmit_skb` (used when BTF is unavailable).
-    pub retransmits: u32,
-    /// [`direction`].
-    pub direction: u8,
-    /// 1 once the open event was written.
-    pub opened: u8,
-    /// 1 once pid/comm are those of its owner: the process that called `connect()`, or for
-    /// a passive open the one listening on its port (or, failing that, the one that accepted
-    /// it, with the accept hook, or closed it).
-    pub attributed: u8,
-    /// 1 once the handshake completed (a connection still in `SYN_SENT` has no open).
-    pub established: u8,
-    /// `AF_INET` or `AF_INET6`.
-    pub family: u16,
-    /// Local port (host order).
-    pub lport: u16,
-    /// Peer port (host order).
-    pub rport: u16,
-    /// 1 once its close record is being written: an update requested from then on is not
-    /// written (it would follow the close in the ring buffer).
-    pub closed: u8,
-    /// Padding.
-    pub _pad2: u8,
-    /// Local address as the tracepoint gives it in `saddr_v6` (IPv4 is v4-mapped).
-    pub saddr: [u8; 16],
-    /// Peer address, as `saddr`.
-    pub daddr: [u8; 16],
-    /// Inode number of the socket's network namespace, read once when the entry is made.
-    pub netns: u32,
-    /// Padding.
-    pub _pad3: u32,
-}
-
-/// The process that listens on a port (value of the `LISTENERS` map, keyed by
-/// [`listener_key`]): passive opens on that port are attributed to it. The first three fields
-/// are laid out as in [`ConnInfo`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    /// cgroup v2 id of the process.
-    pub cgroup_id: u64,
-    /// Thread id that called `listen()` (the process id when the agent found the listener in
-    /// /proc).
-    pub pid: u32,
-    /// Thread group id.
-    pub tgid: u32,
-    /// `comm` of that thread.
-    pub comm: [u8; 16],
-    /// Kernel address of the listening socket; 0 when the agent found it in /proc.
-    pub sk: u64,
-}
-
-/// Key of the `LISTENERS` map: the listening socket's network namespace and local port.
-pub const fn listener_key(netns: u32, port: u16) -> u64 {
-    (netns as u64) << 16 | port as u64
-}
-
 /// One record in the `EVENTS` ring buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawEvent {
     /// Kernel address of the socket (identifies the connection while it lives).
     pub sk: u64,
-    /// [`ConnInfo::start_ns`].
+    /// When the connection started (`bpf_ktime_get_ns` at `SYN_SENT` or at the end of a
+    /// passive handshake); 0 in close and report records.
     pub start_ns: u64,
     /// `bpf_ktime_get_ns` when this record was written.
     pub ts_ns: u64,
@@ -357,7 +321,7 @@ pub struct RawEvent {
     pub kind: u8,
     /// [`direction`].
     pub direction: u8,
-    /// TCP state before the change that closed it (close events).
+    /// The state a close left; the current state in a report.
     pub oldstate: u8,
     /// Padding.
     pub _pad: u8,
@@ -374,9 +338,5 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` data of integers and byte arrays, no padding left implicit.
     unsafe impl aya::Pod for super::Offsets {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::ConnInfo {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::RawEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Owner {}
 }

@@ -6,35 +6,38 @@
 //! `tcp:tcp_retransmit_skb` only where BTF does not give `tcp_sock.total_retrans`. Nothing
 //! runs per send or receive: the cost is per state change, whatever a connection carries.
 //!
+//! **No state per connection in the kernel.** Each state change that matters writes one record
+//! to the ring buffer ([`kind`]), and the agent joins a connection's records in a bounded table
+//! of its own: a record costs a fraction of a BPF hash-map insert and delete (and their cache
+//! misses), which were most of the probe's cost per connection.
+//! - `-> SYN_SENT` (`connect()`, process context): a **connect** record with the start time,
+//!   the owner (current process) and the peer.
+//! - `SYN_RECV -> ESTABLISHED` (softirq): an **accept** record with the start time, addresses
+//!   and network namespace; the agent takes the owner from the listener on its port.
+//! - `SYN_SENT -> ESTABLISHED`: nothing, unless `open_delay_ns` is 0 (then an **open** record
+//!   with the final addresses, for the agent to report at once), or the socket's head cannot
+//!   be read (classic tracepoints: reports give no addresses), or the agent cannot run
+//!   reports (`WANTED`).
+//! - `-> CLOSE`: a **close** record with the final addresses, counters and `sk_err`; with the
+//!   owner too when it is an abort without error from an open connection (the owner's
+//!   `close()` with unread data or SO_LINGER 0; a reset or time-out the kernel sees sets
+//!   `sk_err` first).
+//! - `-> LISTEN` (`listen()`, process context) and `LISTEN -> CLOSE`: **listen** / **unlisten**
+//!   records, from which the agent knows who owns each listening port.
+//! - `-> FIN_WAIT1`, `-> LAST_ACK` (only `close()`/`shutdown()` enter them, in the owner's
+//!   context): an **owner** record, only while the agent asks for owners (`WANTED`: it has
+//!   passive opens whose listener it does not know).
+//! - `conn_report`, run by the agent on demand (`BPF_PROG_TEST_RUN`), never attached: a
+//!   **report** record with a live connection's state, addresses and counters, from which the
+//!   agent makes the open of a long-lived connection and its periodic updates.
+//!
 //! Each tracepoint program comes in two forms with the same logic: a raw tracepoint
 //! (`*_raw`, given the `TP_PROTO` arguments: the socket pointer and the states), which the
-//! agent uses when the kernel's BTF gives the socket's address fields, and a classic
-//! tracepoint (given the formatted record), for kernels without BTF. A raw tracepoint costs
-//! the kernel less per run: no record is formatted into a per-CPU buffer before the program
-//! runs, and the probe runs about ten times per short connection. In exchange the raw
-//! programs read what they need from the socket, so they read as little as they can: the
-//! protocol only where an entry is created (entries exist only for TCP sockets), the
-//! addresses once per connection end, as one span.
-//!
-//! Life of a connection in the `CONNS` map (keyed by the socket's kernel address):
-//! - `SYN_SENT` (in `connect()`, process context): entry created, process attributed.
-//! - `SYN_SENT -> ESTABLISHED` (softirq): addresses read; open record written if
-//!   `open_delay_ns` is 0.
-//! - `SYN_RECV -> ESTABLISHED` (softirq, no process): entry created, attributed to the
-//!   process listening on its port (`LISTENERS`: recorded at `CLOSE -> LISTEN`, which happens
-//!   in `listen()`, and seeded by the agent with the listeners older than the probe); open
-//!   record written if `open_delay_ns` is 0.
-//! - A passive open whose listener is unknown is attributed to the process that closes it:
-//!   `ESTABLISHED -> FIN_WAIT1` and `CLOSE_WAIT -> LAST_ACK` happen only in
-//!   `close()`/`shutdown()`, and so does an abort straight to `CLOSE` that the kernel gives no
-//!   error for (a reset it receives sets `sk_err` first). Where the kernel allows tracing
-//!   programs, fexit on `inet_csk_accept` attributes it to the accepting process.
-//! - While it lives, the agent's sweep of `CONNS` reports its open once it is older than
-//!   `open_delay_ns`, and asks `conn_report` (run on demand, never attached) for an update
-//!   record with its counters every update interval.
-//! - `-> CLOSE`: close record with the final counters, entry removed. A connection that
-//!   closes within `open_delay_ns` has no open record: the agent reports its open from the
-//!   close record (one record per end instead of two).
+//! agent uses when the kernel's BTF gives the socket's head fields, and a classic tracepoint
+//! (given the formatted record), for kernels without them. A raw tracepoint costs the kernel
+//! less per run (no record is formatted before the program runs); in exchange the raw
+//! programs read the socket's head (`sock_common`: addresses, ports, state, network namespace)
+//! in one read where they need it.
 //!
 //! Kernel struct field offsets come from the running kernel's BTF (global `OFFSETS`).
 #![no_std]
@@ -47,36 +50,31 @@ use aya_ebpf::{
         generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
     macros::{fexit, map, raw_tracepoint, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{FExitContext, RawTracePointContext, TracePointContext},
 };
 use edgeward_common::{
-    COUNTERS_SPAN_MAX, ConnInfo, NO_OFFSET, Offsets, Owner, RawEvent, SOCK_HEAD_MAX, counter,
-    direction, flags, kind, listener_key, report,
+    COUNTERS_SPAN_MAX, NO_OFFSET, Offsets, RawEvent, SOCK_HEAD_MAX, counter, direction, flags,
+    kind, report, wanted,
 };
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
-/// Connections in flight. The agent sets the size at load (`probe.max_connections`).
-#[map]
-static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65_536, 0);
-
-/// Owners of listening sockets by network namespace and port ([`listener_key`]): recorded at
-/// `listen()` (the owner's context) and seeded by the agent with the listeners that were open
-/// before it started. Passive opens take their owner from here.
-#[map]
-static LISTENERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(8_192, 0);
-
-/// Events to the agent. The agent sets the size at load (`probe.ring_buffer_bytes`).
+/// Records to the agent. The agent sets the size at load (`probe.ring_buffer_bytes`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Scratch space for one read of the `tcp_sock` span that holds the counters. One slot per
-/// CPU is enough: the kernel does not nest tracing programs on a CPU (it skips the inner one).
+/// Scratch space for one read of a span of the socket (its head, or the `tcp_sock` span that
+/// holds the counters). One slot per CPU is enough: the kernel does not nest tracing programs
+/// on a CPU (it skips the inner one).
 #[map]
 static SCRATCH: PerCpuArray<[u8; COUNTERS_SPAN_MAX]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Records the agent switches on while it needs them ([`wanted`]: non-zero = on).
+#[map]
+static WANTED: Array<u32> = Array::with_max_entries(wanted::LEN, 0);
 
 /// Field offsets from the running kernel's BTF, set by the agent before load.
 #[unsafe(no_mangle)]
@@ -146,8 +144,9 @@ fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
 /// into a byte-by-byte `memmove` on BPF (about a hundred instructions per copy).
 ///
 /// # Safety
-/// Both pointers must be valid and 8-byte aligned: every 16-byte field of `ConnInfo` and
-/// `RawEvent` sits at a multiple of 8 in an 8-aligned struct.
+/// Both pointers must be valid and 8-byte aligned: every 16-byte field of `RawEvent` sits at a
+/// multiple of 8 in an 8-aligned struct, and the head's IPv6 addresses are 8-aligned (the
+/// agent sets `sock_head_len` only then).
 #[inline(always)]
 unsafe fn copy16(dst: *mut [u8; 16], src: *const [u8; 16]) {
     let (d, s) = (dst as *mut u64, src as *const u64);
@@ -160,9 +159,9 @@ unsafe fn copy16(dst: *mut [u8; 16], src: *const [u8; 16]) {
 
 /// A 16-byte address field of the record, stored as two aligned 8-byte moves.
 #[inline(always)]
-fn field_addr(ctx: &TracePointContext, offset: usize, dst: &mut [u8; 16]) {
-    let d = dst as *mut [u8; 16] as *mut u64;
-    // SAFETY: `dst` is a field of an 8-aligned `ConnInfo` at a multiple of 8 (see `copy16`).
+fn field_addr(ctx: &TracePointContext, offset: usize, dst: *mut [u8; 16]) {
+    let d = dst as *mut u64;
+    // SAFETY: `dst` is a field of an 8-aligned `RawEvent` at a multiple of 8 (see `copy16`).
     unsafe {
         *d = field(ctx, offset);
         *d.add(1) = field(ctx, offset + 8);
@@ -220,26 +219,6 @@ unsafe fn span_field<T: Copy>(buf: *const u8, base: u32, offset: u32, max: usize
     Some(unsafe { core::ptr::read(p as *const T) })
 }
 
-/// `(srtt_us, mdev_us, bytes_acked, bytes_received, total_retrans)` from one read of the
-/// `tcp_sock` span that holds them (see `Offsets::counters_base`); `None` when the span is
-/// not set or cannot be read (the caller then reads each field on its own).
-#[inline(always)]
-fn counters_from_span(sk: u64, off: &Offsets) -> Option<(u32, u32, u64, u64, u32)> {
-    let base = off.counters_base;
-    let buf = read_span(sk, base, off.counters_len)?;
-    const MAX: usize = COUNTERS_SPAN_MAX;
-    // SAFETY: the span starts 8-aligned (`Offsets::set_counter_span`).
-    unsafe {
-        Some((
-            span_field(buf, base, off.srtt_us, MAX)?,
-            span_field(buf, base, off.mdev_us, MAX)?,
-            span_field(buf, base, off.bytes_acked, MAX)?,
-            span_field(buf, base, off.bytes_received, MAX)?,
-            span_field(buf, base, off.total_retrans, MAX)?,
-        ))
-    }
-}
-
 /// Reads the field at `base + offset` into `out`; false (and `out` untouched, or zeroed by
 /// the helper) when the offset is unknown or the read fails.
 #[inline(always)]
@@ -258,79 +237,61 @@ fn read_into<T: Copy>(base: u64, offset: u32, out: &mut T) -> bool {
     }
 }
 
-/// Records the current process as the connection's owner (process context only).
+/// A reserved ring buffer record, zeroed, with the fields every record has.
+///
+/// # Safety
+/// `e` points at a reserved, exclusively owned ring buffer record of `RawEvent`'s size.
 #[inline(always)]
-fn attribute(info: &mut ConnInfo) {
-    let id = bpf_get_current_pid_tgid();
-    info.pid = id as u32;
-    info.tgid = (id >> 32) as u32;
-    // Straight into the entry: the helper's safe wrapper returns the name by value, which
-    // costs a byte-wise copy.
-    // SAFETY: `comm` is a writable 16-byte buffer; on failure the helper zeroes it.
-    unsafe { bpf_get_current_comm(info.comm.as_mut_ptr() as *mut _, 16) };
-    // SAFETY: a helper without pointer arguments.
-    info.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    info.attributed = 1;
-}
-
-/// The current process as an [`Owner`] of the listening socket `sk`.
-#[inline(always)]
-fn current_owner(sk: u64) -> Owner {
-    let mut info = zeroed_conn();
-    attribute(&mut info);
-    Owner {
-        cgroup_id: info.cgroup_id,
-        pid: info.pid,
-        tgid: info.tgid,
-        comm: info.comm,
-        sk,
+unsafe fn begin(e: *mut RawEvent, sk: u64, record: u8, now: u64) {
+    let words = e as *mut u64;
+    let mut i = 0;
+    while i < core::mem::size_of::<RawEvent>() / 8 {
+        // Volatile: plain zero stores around later field writes become calls into a byte-wise
+        // `memset` for the odd-sized gaps.
+        // SAFETY: `RawEvent` is 8-aligned and a multiple of 8 bytes long (the caller's
+        // reservation), and all zeroes is a valid value of it.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
     }
-}
-
-/// Takes the owner of the connection from the listener on its port, if known.
-#[inline(always)]
-fn attribute_to_listener(info: &mut ConnInfo) {
-    if info.netns == 0 {
-        return;
-    }
-    let Some(owner) = LISTENERS.get_ptr(&listener_key(info.netns, info.lport)) else {
-        return;
-    };
-    // SAFETY: a map value pointer from the lookup; `comm` is 8-aligned in both structs (see
-    // `copy16`).
+    // SAFETY: as above.
     unsafe {
-        info.cgroup_id = (*owner).cgroup_id;
-        info.pid = (*owner).pid;
-        info.tgid = (*owner).tgid;
-        copy16(&mut info.comm, &(*owner).comm);
+        (*e).sk = sk;
+        (*e).ts_ns = now;
+        (*e).kind = record;
     }
-    info.attributed = 1;
 }
 
-/// `listen()` (process context): the current process owns the listener.
+/// Submits a record; wakes the reader only once enough has piled up (it drains on a timer
+/// otherwise): a wakeup per record costs an irq_work in the kernel and a context switch in the
+/// agent, which at tens of thousands of connections a second dominates.
 #[inline(always)]
-fn on_listen<S: Source>(source: &S, sk: u64) {
-    let netns = netns_of(sk);
-    let port = source.local_port();
-    if netns == 0 || port == 0 {
-        // Without BTF the namespace is unknown, and a port of 0 is bound only after the state
-        // change: the owner is then learnt when it closes its connections.
-        return;
-    }
-    let _ = LISTENERS.insert(&listener_key(netns, port), &current_owner(sk), 0);
+fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>) {
+    let threshold = offsets().wakeup_bytes;
+    let wakeup = if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wakeup);
+    count(counter::EVENTS);
 }
 
-/// A listener closed: forget it unless another listener on the same port replaced it (the
-/// agent's own entries, found in /proc, have no socket address and go too).
+/// Writes the current process into a record as its owner (process context only).
+///
+/// # Safety
+/// As for [`begin`].
 #[inline(always)]
-fn on_listener_close<S: Source>(source: &S, sk: u64) {
-    let key = listener_key(netns_of(sk), source.local_port());
-    if let Some(owner) = LISTENERS.get_ptr(&key) {
-        // SAFETY: a map value pointer from the lookup.
-        let owner_sk = unsafe { (*owner).sk };
-        if owner_sk == sk || owner_sk == 0 {
-            let _ = LISTENERS.remove(&key);
-        }
+unsafe fn owner(e: *mut RawEvent) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: `e` is a reserved record (the caller); `comm` is a writable 16-byte buffer, and
+    // the helper zeroes it on failure. Straight into the record: the helper's safe wrapper
+    // returns the name by value, which costs a byte-wise copy.
+    unsafe {
+        (*e).pid = id as u32;
+        (*e).tgid = (id >> 32) as u32;
+        bpf_get_current_comm((*e).comm.as_mut_ptr() as *mut _, 16);
+        (*e).cgroup_id = bpf_get_current_cgroup_id();
+        (*e).flags |= flags::PROCESS;
     }
 }
 
@@ -342,11 +303,6 @@ struct SkErr {
 }
 
 impl SkErr {
-    const UNKNOWN: Self = Self {
-        value: 0,
-        known: false,
-    };
-
     #[inline(always)]
     fn read(sk: u64) -> Self {
         let mut value = 0i32;
@@ -355,137 +311,103 @@ impl SkErr {
     }
 }
 
-/// Writes one record for `sk` to the ring buffer; counts it or its loss. `sk_err` goes into
-/// close records. An update is not written once the connection's close has begun
-/// (`ConnInfo::closed`): the close record is ahead of it in the ring buffer.
+/// `(srtt_us, mdev_us, bytes_acked, bytes_received, total_retrans)` from one read of the
+/// `tcp_sock` span that holds them (see `Offsets::counters_base`); `None` when the span is
+/// not set or cannot be read.
 #[inline(always)]
-fn emit(sk: u64, info: &ConnInfo, event_kind: u8, oldstate: i32, now: u64, sk_err: SkErr) -> u32 {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
-        count(counter::RINGBUF_FULL);
-        return report::RING_FULL;
-    };
-    // The close path sets `closed` before it reserves its record, and reserving takes the
-    // ring buffer's lock: a close that reserved first is visible here.
-    // SAFETY: a plain read of a field of a live map value.
-    if event_kind == kind::UPDATE && unsafe { core::ptr::read_volatile(&info.closed) } != 0 {
-        entry.discard(BPF_RB_NO_WAKEUP);
-        return report::GONE;
-    }
-    let off = offsets();
-    let mut event_flags = 0u16;
-    // Open events carry no counters (nothing has been exchanged yet): no reads on the
-    // hottest path of short connections. Every value is a defined zero until read: with
-    // `Option`s, LLVM may compute on the payload of a `None` (whatever a register held, e.g.
-    // the ring buffer pointer) before selecting it away, which the verifier rejects.
-    let (mut srtt, mut mdev, mut acked, mut received, mut retrans) = (0u32, 0u32, 0u64, 0u64, 0u32);
-    let mut retrans_known = false;
-    if event_kind != kind::OPEN {
-        if let Some(c) = counters_from_span(sk, &off) {
-            (srtt, mdev, acked, received, retrans) = c;
-            retrans_known = true;
-            event_flags |= flags::TCP_COUNTERS;
-        } else {
-            let have_srtt = read_into(sk, off.srtt_us, &mut srtt);
-            read_into(sk, off.mdev_us, &mut mdev);
-            let have_acked = read_into(sk, off.bytes_acked, &mut acked);
-            let have_received = read_into(sk, off.bytes_received, &mut received);
-            retrans_known = read_into(sk, off.total_retrans, &mut retrans);
-            if have_srtt && have_acked && have_received && retrans_known {
-                event_flags |= flags::TCP_COUNTERS;
-            }
-        }
-    }
-    if event_kind == kind::CLOSE && sk_err.known {
-        event_flags |= flags::SK_ERR;
-    }
-    if info.netns != 0 {
-        event_flags |= flags::NETNS;
-    }
-    if info.attributed != 0 {
-        event_flags |= flags::PROCESS;
-    }
-    if event_kind == kind::CLOSE && info.opened != 0 {
-        event_flags |= flags::OPEN_REPORTED;
-    }
-    let e = entry.as_mut_ptr();
-    // SAFETY: `e` points at a reserved, exclusively owned ring buffer record of the right
-    // size; every field is written before submit.
+fn counters_from_span(sk: u64, off: &Offsets) -> Option<(u32, u32, u64, u64, u32)> {
+    let base = off.counters_base;
+    let buf = read_span(sk, base, off.counters_len)?;
+    const MAX: usize = COUNTERS_SPAN_MAX;
+    // SAFETY: the span starts 8-aligned (`Offsets::set_counter_span`).
     unsafe {
-        (*e).sk = sk;
-        (*e).start_ns = info.start_ns;
-        (*e).ts_ns = now;
-        (*e).cgroup_id = info.cgroup_id;
+        Some((
+            span_field(buf, base, off.srtt_us, MAX)?,
+            span_field(buf, base, off.mdev_us, MAX)?,
+            span_field(buf, base, off.bytes_acked, MAX)?,
+            span_field(buf, base, off.bytes_received, MAX)?,
+            span_field(buf, base, off.total_retrans, MAX)?,
+        ))
+    }
+}
+
+/// Writes the `tcp_sock` counters into a record: one read of the span that holds them, or
+/// each on its own when that span is not set.
+///
+/// # Safety
+/// As for [`begin`].
+#[inline(always)]
+unsafe fn counters(e: *mut RawEvent, sk: u64) {
+    let off = offsets();
+    // Every value is a defined zero until read: with `Option`s, LLVM may compute on the
+    // payload of a `None` (whatever a register held) before selecting it away, which the
+    // verifier rejects.
+    let (mut srtt, mut mdev, mut acked, mut received, mut retrans) = (0u32, 0u32, 0u64, 0u64, 0u32);
+    let known;
+    if let Some(c) = counters_from_span(sk, &off) {
+        (srtt, mdev, acked, received, retrans) = c;
+        known = true;
+    } else {
+        let have_srtt = read_into(sk, off.srtt_us, &mut srtt);
+        read_into(sk, off.mdev_us, &mut mdev);
+        let have_acked = read_into(sk, off.bytes_acked, &mut acked);
+        let have_received = read_into(sk, off.bytes_received, &mut received);
+        let have_retrans = read_into(sk, off.total_retrans, &mut retrans);
+        known = have_srtt && have_acked && have_received && have_retrans;
+    }
+    // SAFETY: `e` is a reserved record (the caller).
+    unsafe {
+        (*e).srtt_us = srtt >> 3;
+        (*e).rttvar_us = mdev >> 2;
+        (*e).retransmits = retrans;
         // Volatile: two zero stores would otherwise merge into a call to a byte-wise memset.
         core::ptr::write_volatile(&mut (*e).bytes_acked, acked);
         core::ptr::write_volatile(&mut (*e).bytes_received, received);
-        (*e).pid = info.pid;
-        (*e).tgid = info.tgid;
-        (*e).netns = info.netns;
-        (*e).srtt_us = srtt >> 3;
-        (*e).rttvar_us = mdev >> 2;
-        (*e).retransmits = if retrans_known {
-            retrans
-        } else {
-            info.retransmits
-        };
-        (*e).sk_err = if event_kind == kind::CLOSE {
-            sk_err.value
-        } else {
-            0
-        };
-        (*e).lport = info.lport;
-        (*e).rport = info.rport;
-        (*e).family = info.family;
-        (*e).flags = event_flags;
-        (*e).kind = event_kind;
-        (*e).direction = info.direction;
-        (*e).oldstate = oldstate as u8;
-        (*e)._pad = 0;
-        copy16(&mut (*e).saddr, &info.saddr);
-        copy16(&mut (*e).daddr, &info.daddr);
-        copy16(&mut (*e).comm, &info.comm);
+        if known {
+            (*e).flags |= flags::TCP_COUNTERS;
+        }
     }
-    // Waking the reader costs an irq_work in the kernel and a wakeup in the agent per record;
-    // at tens of thousands of connections a second that dominates. Wake it only when enough
-    // has piled up; it drains on a timer otherwise.
-    let wakeup = if off.wakeup_bytes == 0 || EVENTS.query(BPF_RB_AVAIL_DATA) >= off.wakeup_bytes {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(wakeup);
-    count(counter::EVENTS);
-    report::WRITTEN
 }
 
-/// Where a program finds a connection's addresses and ports, and whether it is TCP.
+/// Where a program finds a socket's addresses, ports and network namespace, and whether it is
+/// TCP.
 trait Source {
-    /// Fills in family, ports and addresses (IPv4 as v4-mapped IPv6, as the tracepoint
-    /// record has them).
-    fn read_addresses(&self, info: &mut ConnInfo);
-    /// The local port alone (0 when it cannot be read).
-    fn local_port(&self) -> u16;
-    /// Whether the socket is a TCP socket (asked only before an entry is created).
+    /// Writes family, ports and addresses (IPv4 as v4-mapped IPv6, as the tracepoint record
+    /// has them) into the record, with the socket's network namespace when it can be read.
+    /// Returns the socket's state when the source knows it (raw form), or -1.
+    ///
+    /// # Safety
+    /// As for [`begin`].
+    unsafe fn socket(&self, e: *mut RawEvent) -> i32;
+    /// Whether the socket is a TCP socket.
     fn is_tcp(&self) -> bool;
 }
 
 /// The `inet_sock_set_state` record of a classic tracepoint (checked to be TCP already).
-struct Record<'a>(&'a TracePointContext);
+struct Record<'a> {
+    ctx: &'a TracePointContext,
+    sk: u64,
+}
 
 impl Source for Record<'_> {
     #[inline(always)]
-    fn read_addresses(&self, info: &mut ConnInfo) {
-        let ctx = self.0;
-        info.lport = field(ctx, set_state::SPORT);
-        info.rport = field(ctx, set_state::DPORT);
-        info.family = field(ctx, set_state::FAMILY);
-        field_addr(ctx, set_state::SADDR_V6, &mut info.saddr);
-        field_addr(ctx, set_state::DADDR_V6, &mut info.daddr);
-    }
-
-    #[inline(always)]
-    fn local_port(&self) -> u16 {
-        field(self.0, set_state::SPORT)
+    unsafe fn socket(&self, e: *mut RawEvent) -> i32 {
+        let ctx = self.ctx;
+        // SAFETY: `e` is a reserved record (the caller).
+        unsafe {
+            (*e).lport = field(ctx, set_state::SPORT);
+            (*e).rport = field(ctx, set_state::DPORT);
+            (*e).family = field(ctx, set_state::FAMILY);
+            field_addr(ctx, set_state::SADDR_V6, &mut (*e).saddr);
+            field_addr(ctx, set_state::DADDR_V6, &mut (*e).daddr);
+            (*e).flags |= flags::ADDRESSES;
+            let off = offsets();
+            let mut net = 0u64;
+            if read_into(self.sk, off.sk_net, &mut net) {
+                netns(e, net);
+            }
+        }
+        -1
     }
 
     #[inline(always)]
@@ -494,56 +416,57 @@ impl Source for Record<'_> {
     }
 }
 
-/// The socket itself (raw tracepoints): `sock_common` is read in one go into the per-CPU
-/// scratch slot and the fields picked at their BTF offsets.
+/// The socket itself (raw tracepoints and `conn_report`): its head, `sock_common`, read in one
+/// go into the per-CPU scratch slot and the fields picked at their BTF offsets.
 struct Sock(u64);
 
 impl Source for Sock {
     #[inline(always)]
-    fn read_addresses(&self, info: &mut ConnInfo) {
+    unsafe fn socket(&self, e: *mut RawEvent) -> i32 {
         let off = offsets();
-        // The head of the socket, from offset 0: `sock_common`.
         let Some(buf) = read_span(self.0, 0, off.sock_head_len) else {
-            return;
+            return -1;
         };
         const MAX: usize = SOCK_HEAD_MAX;
         // SAFETY: the fields are naturally aligned in the kernel struct and the span starts
         // at the socket itself; the agent only sets `sock_head_len` when the IPv6 addresses
-        // are 8-aligned, as `copy16` needs.
+        // are 8-aligned, as `copy16` needs. `e` is a reserved record (the caller).
         unsafe {
+            let state = span_field::<u8>(buf, 0, off.skc_state, MAX).map_or(-1, i32::from);
+            // Taken from the slot before anything else reads into it.
+            let net = span_field::<u64>(buf, 0, off.sk_net, MAX).unwrap_or(0);
             let Some(family) = span_field::<u16>(buf, 0, off.skc_family, MAX) else {
-                return;
+                return state;
             };
-            info.family = family;
+            (*e).family = family;
             if let Some(port) = span_field::<u16>(buf, 0, off.skc_dport, MAX) {
-                info.rport = u16::from_be(port);
+                (*e).rport = u16::from_be(port);
             }
             if let Some(port) = span_field(buf, 0, off.skc_num, MAX) {
-                info.lport = port;
+                (*e).lport = port;
             }
             if family == AF_INET6 {
                 if let Some(p) = span_ptr(buf, 0, off.skc_v6_rcv_saddr, 16, MAX) {
-                    copy16(&mut info.saddr, p as *const [u8; 16]);
+                    copy16(&mut (*e).saddr, p as *const [u8; 16]);
                 }
                 if let Some(p) = span_ptr(buf, 0, off.skc_v6_daddr, 16, MAX) {
-                    copy16(&mut info.daddr, p as *const [u8; 16]);
+                    copy16(&mut (*e).daddr, p as *const [u8; 16]);
                 }
             } else {
                 if let Some(addr) = span_field(buf, 0, off.skc_rcv_saddr, MAX) {
-                    v4_mapped(addr, &mut info.saddr);
+                    v4_mapped(addr, &mut (*e).saddr);
                 }
                 if let Some(addr) = span_field(buf, 0, off.skc_daddr, MAX) {
-                    v4_mapped(addr, &mut info.daddr);
+                    v4_mapped(addr, &mut (*e).daddr);
                 }
             }
+            (*e).flags |= flags::ADDRESSES;
+            let mut net = net;
+            if net != 0 || read_into(self.0, off.sk_net, &mut net) {
+                netns(e, net);
+            }
+            state
         }
-    }
-
-    #[inline(always)]
-    fn local_port(&self) -> u16 {
-        let mut port = 0u16;
-        read_into(self.0, offsets().skc_num, &mut port);
-        port
     }
 
     #[inline(always)]
@@ -553,58 +476,32 @@ impl Source for Sock {
     }
 }
 
+/// Writes the inode number of the network namespace at `net` into the record.
+///
+/// # Safety
+/// As for [`begin`].
+#[inline(always)]
+unsafe fn netns(e: *mut RawEvent, net: u64) {
+    let mut inum = 0u32;
+    if read_into(net, offsets().net_inum, &mut inum) {
+        // SAFETY: `e` is a reserved record (the caller).
+        unsafe {
+            (*e).netns = inum;
+            (*e).flags |= flags::NETNS;
+        }
+    }
+}
+
 /// `::ffff:a.b.c.d` from an IPv4 address as it lies in memory (network order).
 #[inline(always)]
-fn v4_mapped(addr: u32, dst: &mut [u8; 16]) {
-    let d = dst as *mut [u8; 16] as *mut u64;
-    // SAFETY: `dst` is a field of an 8-aligned `ConnInfo` at a multiple of 8 (see `copy16`).
+fn v4_mapped(addr: u32, dst: *mut [u8; 16]) {
+    let d = dst as *mut u64;
+    // SAFETY: `dst` is a field of an 8-aligned `RawEvent` at a multiple of 8 (see `copy16`).
     // Little-endian: bytes 8..12 are 00 00 ff ff, bytes 12..16 the address.
     unsafe {
         *d = 0;
         *d.add(1) = 0xffff_0000 | (addr as u64) << 32;
     }
-}
-
-/// The inode number of the socket's network namespace (0 when the offsets are unknown).
-#[inline(always)]
-fn netns_of(sk: u64) -> u32 {
-    let off = offsets();
-    let (mut net, mut inum) = (0u64, 0u32);
-    if read_into(sk, off.sk_net, &mut net) {
-        read_into(net, off.net_inum, &mut inum);
-    }
-    inum
-}
-
-/// An all-zero `ConnInfo`, written as volatile 8-byte stores. Zero initialisation that the
-/// compiler may shorten around later field writes ends up as calls into a byte-wise `memset`
-/// for the odd-sized gaps; volatile stores are neither merged nor shortened.
-#[inline(always)]
-fn zeroed_conn() -> ConnInfo {
-    let mut info = core::mem::MaybeUninit::<ConnInfo>::uninit();
-    let words = info.as_mut_ptr() as *mut u64;
-    let mut i = 0;
-    while i < core::mem::size_of::<ConnInfo>() / 8 {
-        // SAFETY: `ConnInfo` is 8-aligned, a multiple of 8 bytes long, and plain data
-        // (integers and byte arrays), so all zeroes is a valid value.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-        i += 1;
-    }
-    // SAFETY: every byte was written above.
-    unsafe { info.assume_init() }
-}
-
-/// A new entry for `sk`, network namespace read from the socket (once here rather than in
-/// every record). Addresses are the caller's: an active open has its local port only once
-/// the handshake completes or fails.
-#[inline(always)]
-fn new_conn(sk: u64, dir: u8, now: u64) -> ConnInfo {
-    let mut info = zeroed_conn();
-    info.start_ns = now;
-    info.last_emit_ns = now;
-    info.direction = dir;
-    info.netns = netns_of(sk);
-    info
 }
 
 /// Counts TCP state changes and nothing else: the floor of any design on this tracepoint,
@@ -628,7 +525,7 @@ pub fn count_other(_ctx: TracePointContext) -> u32 {
 }
 
 /// The raw-tracepoint floor on `inet_sock_set_state`: counts every run, as the raw probe
-/// program does (it reads the protocol only where it creates an entry).
+/// program does (it reads the protocol only where it writes a record).
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn count_state_changes_raw(_ctx: RawTracePointContext) -> i32 {
     count(counter::STATE_CHANGES);
@@ -642,14 +539,10 @@ pub fn count_other_raw(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Whether a state change needs more than counting: the rest (`SYN_RECV` of a new child,
-/// `FIN_WAIT2`, `CLOSE_WAIT`, `CLOSING`, …) do not.
+/// Whether the agent has switched on the records of `slot` ([`wanted`]).
 #[inline(always)]
-fn wanted(newstate: i32) -> bool {
-    matches!(
-        newstate,
-        TCP_SYN_SENT | TCP_ESTABLISHED | TCP_CLOSE | TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_LISTEN
-    )
+fn is_wanted(slot: u32) -> bool {
+    WANTED.get(slot).is_some_and(|w| *w != 0)
 }
 
 /// The life cycle of every TCP connection (`sock:inet_sock_set_state`), classic form.
@@ -660,148 +553,167 @@ pub fn conn_state(ctx: TracePointContext) -> u32 {
         return 0;
     }
     count(counter::STATE_CHANGES);
+    let sk: u64 = field(&ctx, set_state::SKADDR);
+    let oldstate: i32 = field(&ctx, set_state::OLDSTATE);
     let newstate: i32 = field(&ctx, set_state::NEWSTATE);
-    if wanted(newstate) {
-        let sk: u64 = field(&ctx, set_state::SKADDR);
-        let oldstate: i32 = field(&ctx, set_state::OLDSTATE);
-        on_state_change(&Record(&ctx), sk, oldstate, newstate);
-    }
+    on_state_change(&Record { ctx: &ctx, sk }, sk, oldstate, newstate);
     0
 }
 
 /// The life cycle of every TCP connection, raw form. Counts every state change the
-/// tracepoint reports (TCP, and the rare SCTP or MPTCP socket) without reading the protocol.
+/// tracepoint reports (TCP, and the rare SCTP or MPTCP socket) without reading the protocol;
+/// reads it only where it writes a record.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn conn_state_raw(ctx: RawTracePointContext) -> i32 {
     count(counter::STATE_CHANGES);
+    let sk: u64 = ctx.arg(raw_arg::SK);
+    let oldstate = ctx.arg::<u64>(raw_arg::OLDSTATE) as i32;
     let newstate = ctx.arg::<u64>(raw_arg::NEWSTATE) as i32;
-    if wanted(newstate) {
-        let sk: u64 = ctx.arg(raw_arg::SK);
-        let oldstate = ctx.arg::<u64>(raw_arg::OLDSTATE) as i32;
-        on_state_change(&Sock(sk), sk, oldstate, newstate);
-    }
+    on_state_change(&Sock(sk), sk, oldstate, newstate);
     0
 }
 
 #[inline(always)]
-fn insert(sk: u64, info: &ConnInfo) {
-    if CONNS.insert(&sk, info, 0).is_err() {
-        count(counter::MAP_INSERT_FAILED);
-    }
-}
-
-#[inline(always)]
 fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32) {
-    // The clock is read only where a time is kept (about 36 ns a read on a VM).
     match newstate {
+        // connect(): process context, the owner is current.
         TCP_SYN_SENT => {
-            if !source.is_tcp() {
-                return;
-            }
-            // connect(): process context, the owner is current.
-            let mut info = new_conn(sk, direction::ACTIVE, now());
-            attribute(&mut info);
-            insert(sk, &info);
-        }
-        TCP_ESTABLISHED if oldstate == TCP_SYN_SENT => {
-            let report_now = offsets().open_delay_ns == 0;
-            if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
-                // SAFETY: a pointer to the map value from the lookup above; entries are
-                // only touched by programs handling this socket, serialised by its lock.
-                let info = unsafe { &mut *ptr };
-                source.read_addresses(info);
-                info.established = 1;
-                if report_now {
-                    let now = now();
-                    info.opened = 1;
-                    info.last_emit_ns = now;
-                    emit(sk, info, kind::OPEN, oldstate, now, SkErr::UNKNOWN);
-                }
-            } else if source.is_tcp() {
-                // Not seen in SYN_SENT (map full or evicted): report it without a process.
-                let now = now();
-                let mut info = new_conn(sk, direction::ACTIVE, now);
-                source.read_addresses(&mut info);
-                info.established = 1;
-                if report_now {
-                    info.opened = 1;
-                    emit(sk, &info, kind::OPEN, oldstate, now, SkErr::UNKNOWN);
-                }
-                insert(sk, &info);
+            if source.is_tcp() {
+                write(source, sk, kind::CONNECT, direction::ACTIVE, oldstate);
             }
         }
         TCP_ESTABLISHED if oldstate == TCP_SYN_RECV => {
-            if !source.is_tcp() {
-                return;
+            if source.is_tcp() {
+                write(source, sk, kind::ACCEPT, direction::PASSIVE, oldstate);
             }
-            // Handshake completed in softirq: the owner is the listener's, when known (see the
-            // module documentation).
-            let now = now();
-            let mut info = new_conn(sk, direction::PASSIVE, now);
-            source.read_addresses(&mut info);
-            info.established = 1;
-            attribute_to_listener(&mut info);
-            if offsets().open_delay_ns == 0 {
-                info.opened = 1;
-                emit(sk, &info, kind::OPEN, oldstate, now, SkErr::UNKNOWN);
+        }
+        // With an open delay the agent learns the final addresses later, from a report or
+        // the close; a kernel whose socket head cannot be read gives no reports, so it writes
+        // them now.
+        TCP_ESTABLISHED if oldstate == TCP_SYN_SENT => {
+            let off = offsets();
+            let at_once = off.open_delay_ns == 0 || off.sock_head_len == 0;
+            if (at_once || is_wanted(wanted::ESTABLISHED)) && source.is_tcp() {
+                write(source, sk, kind::OPEN, direction::ACTIVE, oldstate);
             }
-            insert(sk, &info);
         }
         TCP_LISTEN => {
             if source.is_tcp() {
-                on_listen(source, sk);
+                write(source, sk, kind::LISTEN, 0, oldstate);
             }
         }
         // Only `close()` or `shutdown()` enter these states: process context, the owner's.
         TCP_FIN_WAIT1 | TCP_LAST_ACK => {
-            if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
-                // SAFETY: as above.
-                let info = unsafe { &mut *ptr };
-                if info.attributed == 0 {
-                    attribute(info);
-                }
+            if is_wanted(wanted::OWNERS) {
+                write_owner(sk);
             }
         }
-        TCP_CLOSE => {
-            if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
-                // SAFETY: as above.
-                let info = unsafe { &mut *ptr };
-                // SAFETY: a field of the map value; see `emit` for why it is set first.
-                unsafe { core::ptr::write_volatile(&mut info.closed, 1) };
-                let sk_err = SkErr::read(sk);
-                // An abort with no error from an open connection is the owner's `close()`
-                // (unread data, or SO_LINGER 0) or `shutdown()`: a reset or time-out the
-                // kernel sees sets `sk_err` before the state changes.
-                if info.attributed == 0
-                    && sk_err.known
-                    && sk_err.value == 0
-                    && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)
-                {
-                    attribute(info);
-                }
-                // Established connections have their final addresses; an active open that
-                // failed gets its local port read now.
-                if info.established == 0 {
-                    source.read_addresses(info);
-                }
-                emit(sk, info, kind::CLOSE, oldstate, now(), sk_err);
-                let _ = CONNS.remove(&sk);
-            } else if oldstate == TCP_LISTEN {
+        TCP_CLOSE => match oldstate {
+            TCP_LISTEN => {
                 if source.is_tcp() {
-                    on_listener_close(source, sk);
+                    write(source, sk, kind::UNLISTEN, 0, oldstate);
                 }
-            } else if oldstate != TCP_SYN_RECV && source.is_tcp() {
-                // Neither a listener nor a half-open passive socket: a connection we lost
-                // track of (evicted, or opened before the probe was attached).
-                count(counter::UNTRACKED);
             }
-        }
+            // A child socket that never finished its handshake: never reported.
+            TCP_SYN_RECV => {}
+            _ => {
+                if source.is_tcp() {
+                    write(source, sk, kind::CLOSE, 0, oldstate);
+                }
+            }
+        },
         _ => {}
     }
 }
 
-/// Counts retransmitted segments per connection (`tcp:tcp_retransmit_skb`), for kernels where
-/// `tcp_sock.total_retrans` cannot be read.
+/// Writes one record about `sk` to the ring buffer; counts it or its loss.
+#[inline(always)]
+fn write<S: Source>(source: &S, sk: u64, record: u8, dir: u8, oldstate: i32) -> u32 {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return report::RING_FULL;
+    };
+    let e = entry.as_mut_ptr();
+    let now = now();
+    // SAFETY: `e` points at the reserved, exclusively owned record; `begin` initialises every
+    // byte before the fields are set.
+    unsafe {
+        begin(e, sk, record, now);
+        (*e).direction = dir;
+        (*e).oldstate = oldstate as u8;
+        match record {
+            kind::CONNECT => {
+                (*e).start_ns = now;
+                owner(e);
+                // The peer is set by now; the local port only once the handshake completes.
+                source.socket(e);
+            }
+            kind::ACCEPT => {
+                (*e).start_ns = now;
+                source.socket(e);
+            }
+            kind::LISTEN => {
+                owner(e);
+                source.socket(e);
+            }
+            kind::CLOSE => {
+                source.socket(e);
+                // An automatically chosen local port is released before the state change
+                // (`skc_num` reads 0); `inet_sport` keeps it.
+                if (*e).lport == 0 {
+                    let mut port = 0u16;
+                    if read_into(sk, offsets().inet_sport, &mut port) {
+                        (*e).lport = u16::from_be(port);
+                    }
+                }
+                counters(e, sk);
+                let sk_err = SkErr::read(sk);
+                if sk_err.known {
+                    (*e).sk_err = sk_err.value;
+                    (*e).flags |= flags::SK_ERR;
+                    // An abort with no error from an open connection is the owner's
+                    // `close()` or `shutdown()`: a reset or time-out the kernel sees sets
+                    // `sk_err` before the state changes.
+                    if sk_err.value == 0
+                        && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)
+                    {
+                        owner(e);
+                    }
+                }
+            }
+            kind::REPORT => {
+                let state = source.socket(e);
+                (*e).oldstate = state as u8;
+                counters(e, sk);
+            }
+            // OPEN, UNLISTEN
+            _ => {
+                source.socket(e);
+            }
+        }
+    }
+    submit(entry);
+    report::WRITTEN
+}
+
+/// An owner record for `sk`: the current process.
+#[inline(always)]
+fn write_owner(sk: u64) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: as in `write`.
+    unsafe {
+        begin(e, sk, kind::OWNER, now());
+        owner(e);
+    }
+    submit(entry);
+}
+
+/// A retransmitted segment (`tcp:tcp_retransmit_skb`), for kernels where
+/// `tcp_sock.total_retrans` cannot be read: the agent counts these records per connection.
 #[tracepoint]
 pub fn conn_retransmit(ctx: TracePointContext) -> u32 {
     on_retransmit(field(&ctx, RETRANSMIT_SKADDR));
@@ -817,60 +729,40 @@ pub fn conn_retransmit_raw(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_retransmit(sk: u64) {
-    if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
-        // SAFETY: map value pointer from the lookup; a lost increment under a race only
-        // matters on kernels without BTF, where this count is used.
-        unsafe { (*ptr).retransmits += 1 };
-    }
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    // SAFETY: as in `write`.
+    unsafe { begin(entry.as_mut_ptr(), sk, kind::RETRANSMIT, now()) };
+    submit(entry);
 }
 
-/// Writes an update record with the current counters of a live connection. Never attached:
-/// the agent runs it on demand (`BPF_PROG_TEST_RUN`, arguments: the socket's address and the
-/// connection's start time from its `CONNS` entry) when the connection is due one. Returns a
-/// [`report`] code.
+/// Writes a report record with the current state, addresses and counters of the socket at the
+/// address given as the first argument. Never attached: the agent runs it on demand
+/// (`BPF_PROG_TEST_RUN`) for the connections it holds open past `open_delay` and for their
+/// updates. Returns a [`report`] code.
 ///
 /// Written without the `raw_tracepoint` macro, which discards the program's return value
 /// (aya-ebpf 0.2 returns 0 whatever the body returns); the section is the one the macro uses.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp/inet_sock_set_state")]
 pub fn conn_report(ctx: *mut core::ffi::c_void) -> u32 {
-    report_update(&RawTracePointContext::new(ctx))
-}
-
-#[inline(always)]
-fn report_update(ctx: &RawTracePointContext) -> u32 {
-    let sk: u64 = ctx.arg(0);
-    let start_ns: u64 = ctx.arg(1);
-    let Some(ptr) = CONNS.get_ptr_mut(&sk) else {
-        return report::GONE;
-    };
-    // SAFETY: map value pointer from the lookup.
-    let info = unsafe { &mut *ptr };
-    // Another connection may have taken the socket's address since the agent read the map.
-    if info.start_ns != start_ns || info.established == 0 {
+    let sk: u64 = RawTracePointContext::new(ctx).arg(0);
+    if sk == 0 {
         return report::GONE;
     }
-    let now = now();
-    info.last_emit_ns = now;
-    emit(sk, info, kind::UPDATE, TCP_ESTABLISHED, now, SkErr::UNKNOWN)
+    write(&Sock(sk), sk, kind::REPORT, 0, 0)
 }
 
-/// fexit on `inet_csk_accept`: the process that accepted a passive open (on kernels that
-/// allow tracing programs; elsewhere the owner is learnt when it closes the connection).
+/// fexit on `inet_csk_accept`: the process that accepted a passive open, as an owner record
+/// (on kernels that allow tracing programs; the agent prefers it to the listener's owner).
 #[fexit(function = "inet_csk_accept")]
 pub fn conn_accept(ctx: FExitContext) -> i32 {
-    let sk: u64 = match ctx.ret::<u64>() {
-        Ok(sk) => sk,
-        Err(_) => return 0,
-    };
-    if sk == 0 {
-        return 0;
-    }
-    if let Some(ptr) = CONNS.get_ptr_mut(&sk) {
-        // The accepting process, even over the listener's owner: with pre-forked servers it
-        // is the worker, not the parent that called `listen()`.
-        // SAFETY: map value pointer from the lookup.
-        attribute(unsafe { &mut *ptr });
+    if let Ok(sk) = ctx.ret::<u64>()
+        && sk != 0
+    {
+        write_owner(sk);
     }
     0
 }

@@ -1,0 +1,854 @@
+//! Connections in flight: the agent's half of the probe's bookkeeping.
+//!
+//! The kernel programs keep no state per connection: they write a record when a connection
+//! starts (connect, accept), when its owner or its listener becomes known, and when it closes,
+//! and answer reports the agent asks for. The [`Tracker`] joins those records, in ring-buffer
+//! order, into the connection events the rest of the agent sees (open, update, close), in a
+//! table bounded by `probe.max_connections`, and keeps the event contract whole: every
+//! connection end has exactly one open and one close, in that order, with updates between.
+//!
+//! - A connection that closes within `open_delay` gets its open from its close (the agent
+//!   reports both together: [`Record::open_first`]).
+//! - One that lives longer is announced by [`Tracker::sweep`]: at once when its addresses are
+//!   known (passive opens, from the accept record), after a report from the kernel otherwise
+//!   (an active open's local port and whether its handshake completed).
+//! - Every `update_interval` the sweep asks the kernel for a report of each open connection,
+//!   which becomes an update.
+//! - A passive open's owner is the process listening on its port ([`Owner`] by network
+//!   namespace and port, from listen records and from /proc at start), or the one that
+//!   closes it when that is unknown.
+
+use std::collections::{HashMap, VecDeque};
+
+use edgeward_common::{RawEvent, direction, flags, kind};
+use rustc_hash::FxBuildHasher;
+
+use super::{
+    decode::{TCP_ESTABLISHED, TCP_SYN_SENT},
+    event::{CloseReason, ConnectionEvent, EventKind},
+};
+
+const TCP_CLOSE: u8 = 7;
+
+/// A kernel record (or a connection event made from records) on its way to enrichment.
+#[derive(Debug, Clone, Copy)]
+pub struct Record {
+    /// An open, update or close event.
+    pub raw: RawEvent,
+    /// A close whose connection's open the agent reports first, built from the close once it
+    /// is decoded and enriched.
+    pub open_first: bool,
+}
+
+impl Record {
+    fn event(raw: RawEvent) -> Self {
+        Self {
+            raw,
+            open_first: false,
+        }
+    }
+}
+
+/// The process that owns a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Thread id (the process id when found in /proc).
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// `comm`.
+    pub comm: [u8; 16],
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+}
+
+impl Owner {
+    /// The owner in a record, if it has one.
+    fn of(raw: &RawEvent) -> Option<Self> {
+        (raw.flags & flags::PROCESS != 0).then_some(Self {
+            pid: raw.pid,
+            tgid: raw.tgid,
+            comm: raw.comm,
+            cgroup_id: raw.cgroup_id,
+        })
+    }
+}
+
+/// Where a connection's ends are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Addresses {
+    family: u16,
+    lport: u16,
+    rport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+impl Addresses {
+    fn of(raw: &RawEvent) -> Option<Self> {
+        (raw.flags & flags::ADDRESSES != 0).then_some(Self {
+            family: raw.family,
+            lport: raw.lport,
+            rport: raw.rport,
+            saddr: raw.saddr,
+            daddr: raw.daddr,
+        })
+    }
+
+    /// The same peer (a report of a socket that another connection has taken since has
+    /// another peer, or the same peer from another local port).
+    fn same_connection(&self, other: &Self) -> bool {
+        self.family == other.family
+            && self.rport == other.rport
+            && self.daddr == other.daddr
+            && (self.lport == 0 || self.lport == other.lport)
+    }
+}
+
+/// One connection end in flight.
+#[derive(Debug, Clone)]
+struct Conn {
+    start_ns: u64,
+    direction: u8,
+    owner: Option<Owner>,
+    /// The owner is the listener's, which an owner record replaces.
+    owner_from_listener: bool,
+    addresses: Option<Addresses>,
+    netns: Option<u32>,
+    /// The handshake completed.
+    established: bool,
+    /// Its open has been reported.
+    announced: bool,
+    /// When its open or last update was reported (its start until then).
+    last_report_ns: u64,
+    /// Retransmit records counted (kernels without `tcp_sock.total_retrans`).
+    retransmits: u32,
+}
+
+/// How long owner records stay wanted after the last passive open whose listener was unknown.
+const OWNERS_WANTED_FOR_NS: u64 = 60_000_000_000;
+
+/// The agent's table of connections in flight and of listening ports.
+#[derive(Debug)]
+pub struct Tracker {
+    conns: HashMap<u64, Conn, FxBuildHasher>,
+    /// `(socket, start)` in the order connections started, for evicting the oldest when the
+    /// table is full; pairs of connections that have closed are skipped, and compacted away.
+    order: VecDeque<(u64, u64)>,
+    capacity: usize,
+    listeners: HashMap<(u32, u16), (u64, Owner), FxBuildHasher>,
+    open_delay_ns: u64,
+    update_interval_ns: u64,
+    /// Passive opens in the table without an owner.
+    unowned: usize,
+    /// Owner records are wanted until then (kernel monotonic clock).
+    owners_wanted_until: u64,
+    /// Owner records are always wanted: the kernel gives no network namespaces, so listeners
+    /// cannot be told apart across namespaces and are not used.
+    owners_always: bool,
+    /// Closes of connections the table did not hold: evicted while open, started before the
+    /// probe, or whose start record was lost.
+    pub untracked: u64,
+}
+
+impl Tracker {
+    /// A table of at most `capacity` connections (at least one).
+    pub fn new(capacity: usize, open_delay_ns: u64, update_interval_ns: u64) -> Self {
+        Self {
+            conns: HashMap::default(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            listeners: HashMap::default(),
+            open_delay_ns,
+            update_interval_ns,
+            unowned: 0,
+            owners_wanted_until: 0,
+            owners_always: false,
+            untracked: 0,
+        }
+    }
+
+    /// Records the owner of a listening port found outside the ring buffer (in /proc at
+    /// start); a listen record for the same port, earlier or later, wins.
+    pub fn seed_listener(&mut self, netns: u32, port: u16, owner: Owner) {
+        self.listeners.entry((netns, port)).or_insert((0, owner));
+    }
+
+    /// Connections in the table.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether the table is empty.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Always asks for owner records: for kernels whose records carry no network namespace
+    /// (no BTF), where a port alone does not say which listener a passive open came through.
+    pub fn want_owners_always(&mut self) {
+        self.owners_always = true;
+    }
+
+    /// Whether the kernel should write owner records (`WANTED`): while passive opens whose
+    /// listener is unknown are in the table, and for a while after the last one, so that the
+    /// next ones on the same port are attributed too.
+    pub fn owners_wanted(&self, now_ns: u64) -> bool {
+        self.owners_always || self.unowned > 0 || now_ns < self.owners_wanted_until
+    }
+
+    /// Takes one record from the ring buffer; passes on the connection events it completes.
+    pub fn on_record(&mut self, raw: RawEvent, out: &mut impl FnMut(Record)) {
+        match raw.kind {
+            kind::CONNECT => {
+                let conn = Conn {
+                    start_ns: raw.start_ns,
+                    direction: direction::ACTIVE,
+                    owner: Owner::of(&raw),
+                    owner_from_listener: false,
+                    addresses: Addresses::of(&raw),
+                    netns: netns(&raw),
+                    established: false,
+                    announced: false,
+                    last_report_ns: raw.start_ns,
+                    retransmits: 0,
+                };
+                self.insert(raw.sk, conn);
+            }
+            kind::ACCEPT => {
+                let addresses = Addresses::of(&raw);
+                let netns = netns(&raw);
+                let listener = match (netns, addresses) {
+                    (Some(ns), Some(a)) => self.listeners.get(&(ns, a.lport)).map(|l| l.1),
+                    _ => None,
+                };
+                if listener.is_none() {
+                    self.owners_wanted_until = raw.ts_ns.saturating_add(OWNERS_WANTED_FOR_NS);
+                }
+                let conn = Conn {
+                    start_ns: raw.start_ns,
+                    direction: direction::PASSIVE,
+                    owner: listener,
+                    owner_from_listener: listener.is_some(),
+                    addresses,
+                    netns,
+                    established: true,
+                    announced: false,
+                    last_report_ns: raw.start_ns,
+                    retransmits: 0,
+                };
+                self.insert(raw.sk, conn);
+                if self.open_delay_ns == 0 {
+                    self.announce(raw.sk, raw.ts_ns, out);
+                }
+            }
+            // An active open's handshake completed (open delay 0, or no reports here).
+            kind::OPEN => {
+                if let Some(conn) = self.conns.get_mut(&raw.sk) {
+                    conn.established = true;
+                    conn.addresses = Addresses::of(&raw).or(conn.addresses);
+                    conn.netns = netns(&raw).or(conn.netns);
+                    if self.open_delay_ns == 0 {
+                        self.announce(raw.sk, raw.ts_ns, out);
+                    }
+                }
+            }
+            kind::OWNER => {
+                if let (Some(conn), Some(owner)) = (self.conns.get_mut(&raw.sk), Owner::of(&raw))
+                    && (conn.owner.is_none() || conn.owner_from_listener)
+                {
+                    if conn.owner.is_none() && conn.direction == direction::PASSIVE {
+                        self.unowned = self.unowned.saturating_sub(1);
+                    }
+                    conn.owner = Some(owner);
+                    conn.owner_from_listener = false;
+                }
+            }
+            kind::LISTEN => {
+                if let (Some(ns), Some(a), Some(owner)) =
+                    (netns(&raw), Addresses::of(&raw), Owner::of(&raw))
+                    && a.lport != 0
+                {
+                    self.listeners.insert((ns, a.lport), (raw.sk, owner));
+                }
+            }
+            kind::UNLISTEN => {
+                if let (Some(ns), Some(a)) = (netns(&raw), Addresses::of(&raw)) {
+                    let key = (ns, a.lport);
+                    // Another listener on the port (SO_REUSEPORT) may have replaced it; one
+                    // found in /proc (no socket address) goes with any close on its port.
+                    if self
+                        .listeners
+                        .get(&key)
+                        .is_some_and(|(sk, _)| *sk == raw.sk || *sk == 0)
+                    {
+                        self.listeners.remove(&key);
+                    }
+                }
+            }
+            kind::RETRANSMIT => {
+                if let Some(conn) = self.conns.get_mut(&raw.sk) {
+                    conn.retransmits = conn.retransmits.saturating_add(1);
+                }
+            }
+            kind::REPORT => self.on_report(&raw, out),
+            kind::CLOSE => self.on_close(&raw, out),
+            // Records the kernel does not write.
+            _ => {}
+        }
+    }
+
+    /// A report asked for by [`Tracker::sweep`]: the open of a connection past the delay,
+    /// then updates.
+    fn on_report(&mut self, raw: &RawEvent, out: &mut impl FnMut(Record)) {
+        let (open_delay, interval) = (self.open_delay_ns, self.update_interval_ns);
+        let Some(conn) = self.conns.get_mut(&raw.sk) else {
+            // Closed meanwhile: its close came first.
+            return;
+        };
+        let reported = Addresses::of(raw);
+        if let (Some(known), Some(now)) = (conn.addresses, reported)
+            && !known.same_connection(&now)
+        {
+            // Another connection has the socket now: this one's close was lost.
+            return;
+        }
+        match raw.oldstate {
+            // Still connecting, or its close record is on its way.
+            TCP_SYN_SENT | TCP_CLOSE => return,
+            // The state could not be read: keep what the records said.
+            u8::MAX => {}
+            _ => conn.established = true,
+        }
+        if !conn.established {
+            return;
+        }
+        conn.addresses = reported.or(conn.addresses);
+        conn.netns = netns(raw).or(conn.netns);
+        if !conn.announced {
+            if raw.ts_ns.saturating_sub(conn.start_ns) >= open_delay {
+                self.announce(raw.sk, raw.ts_ns, out);
+            }
+            return;
+        }
+        if interval == 0 || raw.ts_ns.saturating_sub(conn.last_report_ns) < interval {
+            return;
+        }
+        conn.last_report_ns = raw.ts_ns;
+        let mut update = self.event(raw.sk, kind::UPDATE, raw.ts_ns, Some(raw));
+        update.oldstate = TCP_ESTABLISHED;
+        out(Record::event(update));
+    }
+
+    fn on_close(&mut self, raw: &RawEvent, out: &mut impl FnMut(Record)) {
+        if !self.conns.contains_key(&raw.sk) {
+            self.untracked += 1;
+            return;
+        }
+        let mut close = self.event(raw.sk, kind::CLOSE, raw.ts_ns, Some(raw));
+        let Some(conn) = self.remove(raw.sk) else {
+            return;
+        };
+        close.oldstate = raw.oldstate;
+        close.sk_err = raw.sk_err;
+        close.flags |= raw.flags & flags::SK_ERR;
+        // The owner's abortive close() names it, if nothing else had.
+        if conn.owner.is_none()
+            && let Some(owner) = Owner::of(raw)
+        {
+            set_owner(&mut close, owner);
+        }
+        // A close straight from SYN_SENT is a failed active open: it never opened.
+        let open_first = !conn.announced && raw.oldstate != TCP_SYN_SENT;
+        out(Record {
+            raw: close,
+            open_first,
+        });
+    }
+
+    /// Reports the open of the connection at `sk` (known to be established).
+    fn announce(&mut self, sk: u64, now_ns: u64, out: &mut impl FnMut(Record)) {
+        let Some(conn) = self.conns.get_mut(&sk) else {
+            return;
+        };
+        conn.announced = true;
+        conn.last_report_ns = now_ns;
+        let mut open = self.event(sk, kind::OPEN, now_ns, None);
+        open.oldstate = TCP_ESTABLISHED;
+        out(Record::event(open));
+    }
+
+    /// One sweep of the table at `now_ns` (kernel monotonic clock): announces the connections
+    /// past the open delay whose addresses are known, and returns the sockets the kernel
+    /// should report on (`conn_report`): connections past the delay that it must say more
+    /// about, and open ones due an update.
+    pub fn sweep(&mut self, now_ns: u64, out: &mut impl FnMut(Record)) -> Vec<u64> {
+        let mut ready = Vec::new();
+        let mut ask = Vec::new();
+        for (&sk, conn) in &self.conns {
+            if conn.announced {
+                if self.update_interval_ns > 0
+                    && now_ns.saturating_sub(conn.last_report_ns) >= self.update_interval_ns
+                {
+                    ask.push(sk);
+                }
+            } else if self.open_delay_ns > 0
+                && now_ns.saturating_sub(conn.start_ns) >= self.open_delay_ns
+            {
+                if conn.established && conn.addresses.is_some_and(|a| a.lport != 0) {
+                    ready.push(sk);
+                } else {
+                    ask.push(sk);
+                }
+            }
+        }
+        for sk in ready {
+            self.announce(sk, now_ns, out);
+        }
+        ask
+    }
+
+    /// The event of `kind` for the connection at `sk`: its start, direction and owner from the
+    /// table; addresses, network namespace and counters from `record` where it has them.
+    fn event(&self, sk: u64, event_kind: u8, ts_ns: u64, record: Option<&RawEvent>) -> RawEvent {
+        let Some(conn) = self.conns.get(&sk) else {
+            return RawEvent::default();
+        };
+        let mut e = RawEvent {
+            sk,
+            start_ns: conn.start_ns,
+            ts_ns,
+            kind: event_kind,
+            direction: conn.direction,
+            ..RawEvent::default()
+        };
+        if let Some(owner) = conn.owner {
+            set_owner(&mut e, owner);
+        }
+        let addresses = record.and_then(Addresses::of).or(conn.addresses);
+        if let Some(a) = addresses {
+            e.family = a.family;
+            e.lport = a.lport;
+            e.rport = a.rport;
+            e.saddr = a.saddr;
+            e.daddr = a.daddr;
+            e.flags |= flags::ADDRESSES;
+        }
+        if let Some(ns) = record.and_then(netns).or(conn.netns) {
+            e.netns = ns;
+            e.flags |= flags::NETNS;
+        }
+        if let Some(r) = record {
+            e.bytes_acked = r.bytes_acked;
+            e.bytes_received = r.bytes_received;
+            e.srtt_us = r.srtt_us;
+            e.rttvar_us = r.rttvar_us;
+            e.retransmits = if r.flags & flags::TCP_COUNTERS != 0 {
+                r.retransmits
+            } else {
+                conn.retransmits
+            };
+            e.flags |= r.flags & flags::TCP_COUNTERS;
+        }
+        e
+    }
+
+    fn insert(&mut self, sk: u64, conn: Conn) {
+        // A socket still in the table is one whose close was lost (a full ring buffer).
+        if self.remove(sk).is_some() {
+            self.untracked += 1;
+        }
+        while self.conns.len() >= self.capacity {
+            let Some((old, start)) = self.order.pop_front() else {
+                break;
+            };
+            if self.conns.get(&old).is_some_and(|c| c.start_ns == start) {
+                // Its close will be counted as untracked.
+                self.remove(old);
+            }
+        }
+        if conn.direction == direction::PASSIVE && conn.owner.is_none() {
+            self.unowned += 1;
+        }
+        self.order.push_back((sk, conn.start_ns));
+        self.conns.insert(sk, conn);
+        // Closed connections leave their pair behind: compact once they outnumber the live.
+        if self.order.len() > 2 * self.conns.len() + 1024 {
+            let conns = &self.conns;
+            self.order
+                .retain(|(sk, start)| conns.get(sk).is_some_and(|c| c.start_ns == *start));
+        }
+    }
+
+    fn remove(&mut self, sk: u64) -> Option<Conn> {
+        let conn = self.conns.remove(&sk)?;
+        if conn.direction == direction::PASSIVE && conn.owner.is_none() {
+            self.unowned = self.unowned.saturating_sub(1);
+        }
+        Some(conn)
+    }
+}
+
+fn netns(raw: &RawEvent) -> Option<u32> {
+    (raw.flags & flags::NETNS != 0).then_some(raw.netns)
+}
+
+fn set_owner(e: &mut RawEvent, owner: Owner) {
+    e.pid = owner.pid;
+    e.tgid = owner.tgid;
+    e.comm = owner.comm;
+    e.cgroup_id = owner.cgroup_id;
+    e.flags |= flags::PROCESS;
+}
+
+/// The open of a connection that closed before its open was reported: the close event's
+/// identity, process, addresses and enrichment, with nothing exchanged yet.
+pub fn open_from_close(close: &ConnectionEvent) -> ConnectionEvent {
+    ConnectionEvent {
+        kind: EventKind::Open,
+        end_unix_nanos: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+        srtt_us: 0,
+        rttvar_us: 0,
+        retransmits: 0,
+        close_reason: CloseReason::Open,
+        ..close.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::decode::{Clock, Comms, decode};
+
+    const SEC: u64 = 1_000_000_000;
+    const NS: u32 = 4_026_531_840;
+
+    fn owner(pid: u32, name: &str) -> Owner {
+        let mut comm = [0u8; 16];
+        comm[..name.len()].copy_from_slice(name.as_bytes());
+        Owner {
+            pid,
+            tgid: pid,
+            comm,
+            cgroup_id: 7,
+        }
+    }
+
+    fn v4(last: u8) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        a[10] = 0xff;
+        a[11] = 0xff;
+        a[12..].copy_from_slice(&[10, 0, 0, last]);
+        a
+    }
+
+    /// A kernel record about socket `sk` at `ts`.
+    fn record(record_kind: u8, sk: u64, ts: u64) -> RawEvent {
+        RawEvent {
+            sk,
+            ts_ns: ts,
+            kind: record_kind,
+            ..RawEvent::default()
+        }
+    }
+
+    fn with_owner(mut r: RawEvent, o: Owner) -> RawEvent {
+        set_owner(&mut r, o);
+        r
+    }
+
+    fn with_addresses(mut r: RawEvent, lport: u16, rport: u16) -> RawEvent {
+        r.family = 2;
+        r.lport = lport;
+        r.rport = rport;
+        r.saddr = v4(1);
+        r.daddr = v4(2);
+        r.netns = NS;
+        r.flags |= flags::ADDRESSES | flags::NETNS;
+        r
+    }
+
+    fn with_counters(mut r: RawEvent, acked: u64, received: u64) -> RawEvent {
+        r.bytes_acked = acked;
+        r.bytes_received = received;
+        r.srtt_us = 42;
+        r.flags |= flags::TCP_COUNTERS;
+        r
+    }
+
+    fn connect(sk: u64, ts: u64, o: Owner) -> RawEvent {
+        let mut r = with_addresses(with_owner(record(kind::CONNECT, sk, ts), o), 0, 80);
+        r.start_ns = ts;
+        r.direction = direction::ACTIVE;
+        r
+    }
+
+    fn accept(sk: u64, ts: u64, lport: u16) -> RawEvent {
+        let mut r = with_addresses(record(kind::ACCEPT, sk, ts), lport, 40_000);
+        r.start_ns = ts;
+        r.direction = direction::PASSIVE;
+        r
+    }
+
+    fn close(sk: u64, ts: u64, oldstate: u8) -> RawEvent {
+        let mut r = with_counters(
+            with_addresses(record(kind::CLOSE, sk, ts), 40_000, 80),
+            65,
+            64,
+        );
+        r.oldstate = oldstate;
+        r.flags |= flags::SK_ERR;
+        r
+    }
+
+    fn report(sk: u64, ts: u64, state: u8, lport: u16) -> RawEvent {
+        let mut r = with_counters(
+            with_addresses(record(kind::REPORT, sk, ts), lport, 80),
+            9,
+            8,
+        );
+        r.oldstate = state;
+        r
+    }
+
+    fn run(t: &mut Tracker, records: &[RawEvent]) -> Vec<Record> {
+        let mut out = Vec::new();
+        for r in records {
+            t.on_record(*r, &mut |rec| out.push(rec));
+        }
+        out
+    }
+
+    fn sweep(t: &mut Tracker, now: u64) -> (Vec<Record>, Vec<u64>) {
+        let mut out = Vec::new();
+        let ask = t.sweep(now, &mut |rec| out.push(rec));
+        (out, ask)
+    }
+
+    #[test]
+    fn a_short_connection_closes_with_its_start_owner_and_open() {
+        let mut t = Tracker::new(16, SEC, 30 * SEC);
+        let curl = owner(10, "curl");
+        let out = run(&mut t, &[connect(1, 100, curl), close(1, 500, 9)]);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let c = out[0];
+        assert!(c.open_first, "its open is reported with it");
+        assert_eq!(
+            (c.raw.kind, c.raw.direction),
+            (kind::CLOSE, direction::ACTIVE)
+        );
+        assert_eq!((c.raw.start_ns, c.raw.ts_ns), (100, 500));
+        assert_eq!((c.raw.pid, c.raw.comm), (10, curl.comm));
+        assert_eq!((c.raw.lport, c.raw.rport, c.raw.netns), (40_000, 80, NS));
+        assert_eq!((c.raw.bytes_acked, c.raw.srtt_us), (65, 42));
+        let all = flags::PROCESS | flags::ADDRESSES | flags::NETNS | flags::TCP_COUNTERS;
+        assert_eq!(c.raw.flags & all, all);
+        assert!(t.is_empty());
+        // What decode makes of it, and the open built from it.
+        let event = decode(&c.raw, Clock::with_offset(0), &mut Comms::default()).unwrap();
+        assert_eq!(
+            event.bytes_sent, 63,
+            "neither the SYN nor our acknowledged FIN is payload"
+        );
+        let open = open_from_close(&event);
+        assert_eq!(
+            (open.kind, open.conn_id, open.pid),
+            (EventKind::Open, event.conn_id, 10)
+        );
+        assert_eq!((open.bytes_sent, open.end_unix_nanos), (0, 0));
+        assert_eq!(open.close_reason, CloseReason::Open);
+    }
+
+    #[test]
+    fn a_failed_active_open_has_no_open_and_an_unknown_close_is_counted() {
+        let mut t = Tracker::new(16, SEC, 0);
+        let out = run(
+            &mut t,
+            &[
+                connect(1, 100, owner(10, "curl")),
+                close(1, 200, TCP_SYN_SENT),
+            ],
+        );
+        assert!(!out[0].open_first);
+        assert_eq!(out[0].raw.pid, 10);
+        assert!(run(&mut t, &[close(2, 300, 1)]).is_empty());
+        assert_eq!(t.untracked, 1);
+    }
+
+    #[test]
+    fn passive_opens_take_the_owner_of_the_listener_on_their_port() {
+        let mut t = Tracker::new(16, SEC, 0);
+        let nginx = owner(20, "nginx");
+        let mut listen = with_owner(with_addresses(record(kind::LISTEN, 9, 1), 80, 0), nginx);
+        listen.lport = 80;
+        let out = run(&mut t, &[listen, accept(1, 100, 80), close(1, 200, 9)]);
+        assert_eq!(
+            (out[0].raw.pid, out[0].raw.direction),
+            (20, direction::PASSIVE)
+        );
+        assert!(!t.owners_wanted(300));
+        // Seeded from /proc: a listen record for the port wins over the seed.
+        t.seed_listener(NS, 443, owner(30, "old"));
+        t.seed_listener(NS, 80, owner(31, "stale"));
+        let out = run(&mut t, &[accept(2, 300, 443), close(2, 400, 9)]);
+        assert_eq!(out[0].raw.pid, 30);
+        let out = run(&mut t, &[accept(3, 500, 80), close(3, 600, 9)]);
+        assert_eq!(out[0].raw.pid, 20);
+        // Closing the listener forgets the port; another socket's close does not.
+        let mut other = with_addresses(record(kind::UNLISTEN, 8, 700), 80, 0);
+        other.lport = 80;
+        let mut unlisten = other;
+        unlisten.sk = 9;
+        run(&mut t, &[other]);
+        assert!(t.listeners.contains_key(&(NS, 80)));
+        run(&mut t, &[unlisten]);
+        assert!(!t.listeners.contains_key(&(NS, 80)));
+    }
+
+    #[test]
+    fn without_a_known_listener_owner_records_are_wanted_and_name_the_owner() {
+        let mut t = Tracker::new(16, SEC, 0);
+        run(&mut t, &[accept(1, 100, 8080)]);
+        assert!(t.owners_wanted(200));
+        let out = run(
+            &mut t,
+            &[
+                with_owner(record(kind::OWNER, 1, 150), owner(40, "app")),
+                close(1, 200, 5),
+            ],
+        );
+        assert_eq!(out[0].raw.pid, 40);
+        assert!(
+            t.owners_wanted(300),
+            "for a while after, for the next ones on the port"
+        );
+        assert!(!t.owners_wanted(100 + OWNERS_WANTED_FOR_NS));
+        // An abortive close by its owner names it too.
+        let mut abort = close(2, 400, 1);
+        set_owner(&mut abort, owner(41, "app"));
+        let out = run(&mut t, &[accept(2, 300, 8080), abort]);
+        assert_eq!(out[0].raw.pid, 41);
+    }
+
+    #[test]
+    fn long_lived_connections_are_announced_then_updated() {
+        let mut t = Tracker::new(16, SEC, 10 * SEC);
+        run(
+            &mut t,
+            &[connect(1, 0, owner(10, "curl")), accept(2, 0, 80)],
+        );
+        let (out, ask) = sweep(&mut t, SEC / 2);
+        assert!(out.is_empty() && ask.is_empty(), "younger than the delay");
+        // Past the delay: the passive end's addresses are known, the active end's are not.
+        let (out, ask) = sweep(&mut t, SEC);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].raw.kind, out[0].raw.sk), (kind::OPEN, 2));
+        assert_eq!(ask, [1]);
+        // Still connecting: nothing yet; then established.
+        assert!(run(&mut t, &[report(1, SEC, TCP_SYN_SENT, 0)]).is_empty());
+        let out = run(&mut t, &[report(1, SEC + 1, 1, 40_000)]);
+        assert_eq!(out.len(), 1);
+        let open = out[0].raw;
+        assert_eq!((open.kind, open.pid, open.lport), (kind::OPEN, 10, 40_000));
+        assert_eq!((open.bytes_acked, open.flags & flags::TCP_COUNTERS), (0, 0));
+        // Updates every interval, with the counters of the report.
+        let (_, ask) = sweep(&mut t, 5 * SEC);
+        assert!(ask.is_empty());
+        let (_, mut ask) = sweep(&mut t, 11 * SEC + 1);
+        ask.sort_unstable();
+        assert_eq!(ask, [1, 2]);
+        let out = run(&mut t, &[report(1, 11 * SEC + 2, 1, 40_000)]);
+        assert_eq!(out.len(), 1);
+        let update = out[0].raw;
+        assert_eq!(
+            (update.kind, update.bytes_acked, update.pid),
+            (kind::UPDATE, 9, 10)
+        );
+        // The close after an announcement carries no second open.
+        let out = run(&mut t, &[close(1, 12 * SEC, 9)]);
+        assert!(!out[0].open_first);
+    }
+
+    #[test]
+    fn reports_of_closed_or_reused_sockets_are_ignored() {
+        let mut t = Tracker::new(16, SEC, 0);
+        run(&mut t, &[connect(1, 0, owner(10, "curl"))]);
+        // The socket now belongs to a connection to another peer.
+        let mut other = report(1, 2 * SEC, 1, 40_000);
+        other.rport = 443;
+        assert!(run(&mut t, &[other]).is_empty());
+        assert!(run(&mut t, &[report(1, 2 * SEC, TCP_CLOSE, 40_000)]).is_empty());
+        run(&mut t, &[close(1, 3 * SEC, 9)]);
+        assert!(run(&mut t, &[report(1, 4 * SEC, 1, 40_000)]).is_empty());
+    }
+
+    #[test]
+    fn with_no_open_delay_opens_are_reported_as_they_happen() {
+        let mut t = Tracker::new(16, 0, 0);
+        let out = run(&mut t, &[accept(1, 100, 80)]);
+        assert_eq!(
+            (out[0].raw.kind, out[0].raw.direction),
+            (kind::OPEN, direction::PASSIVE)
+        );
+        let mut established = with_addresses(record(kind::OPEN, 2, 300), 40_001, 80);
+        established.direction = direction::ACTIVE;
+        let out = run(&mut t, &[connect(2, 200, owner(10, "curl")), established]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].raw.kind, out[0].raw.lport, out[0].raw.pid),
+            (kind::OPEN, 40_001, 10)
+        );
+        let out = run(&mut t, &[close(2, 400, 9)]);
+        assert!(!out[0].open_first);
+    }
+
+    #[test]
+    fn retransmit_records_count_where_the_kernel_gives_no_counters() {
+        let mut t = Tracker::new(16, SEC, 0);
+        let rt = record(kind::RETRANSMIT, 1, 150);
+        let mut bare = close(1, 200, 9);
+        bare.flags &= !flags::TCP_COUNTERS;
+        let out = run(&mut t, &[connect(1, 100, owner(10, "curl")), rt, rt, bare]);
+        assert_eq!(out[0].raw.retransmits, 2);
+    }
+
+    #[test]
+    fn the_table_holds_at_most_its_capacity_and_forgets_the_oldest() {
+        let mut t = Tracker::new(2, SEC, 0);
+        let curl = owner(10, "curl");
+        run(
+            &mut t,
+            &[
+                connect(1, 1, curl),
+                connect(2, 2, curl),
+                connect(3, 3, curl),
+            ],
+        );
+        assert_eq!(t.len(), 2);
+        assert!(
+            run(&mut t, &[close(1, 9, 9)]).is_empty(),
+            "evicted: untracked"
+        );
+        assert_eq!(t.untracked, 1);
+        assert_eq!(run(&mut t, &[close(2, 9, 9), close(3, 9, 9)]).len(), 2);
+        // A socket reused while the table still holds it: its close was lost.
+        run(&mut t, &[connect(4, 10, curl), connect(4, 11, curl)]);
+        assert_eq!((t.len(), t.untracked), (1, 2));
+        // Pairs of closed connections do not pile up.
+        for i in 0..5_000u64 {
+            run(
+                &mut t,
+                &[connect(100 + i, 20 + i, curl), close(100 + i, 30 + i, 9)],
+            );
+        }
+        assert!(
+            t.order.len() <= 2 * t.conns.len() + 1024 + 1,
+            "{}",
+            t.order.len()
+        );
+    }
+}
