@@ -5,7 +5,9 @@ use std::{
     sync::Arc,
 };
 
-use edgeward_common::{RawEvent, direction, flags, kind};
+use edgeward_common::{
+    Header, ListenRecord, OwnerRecord, PortRecord, RawEvent, SocketRecord, direction, flags, kind,
+};
 
 use super::event::{CloseReason, ConnectionEvent, Direction, EventKind};
 
@@ -34,11 +36,8 @@ pub enum DecodeError {
     },
 }
 
-/// Size of a [`RawEvent`] record in the ring buffer.
-pub const RECORD_LEN: usize = size_of::<RawEvent>();
-
-/// Reads little-endian fields in order (the layout of [`RawEvent`], `#[repr(C)]` without
-/// implicit padding).
+/// Reads little-endian fields in order (the record layouts of `edgeward_common` are
+/// `#[repr(C)]` without implicit padding).
 struct Fields<'a>(&'a [u8]);
 
 impl Fields<'_> {
@@ -61,40 +60,91 @@ impl Fields<'_> {
     fn u8(&mut self) -> u8 {
         self.take::<1>()[0]
     }
+
+    /// The owner fields of an [`OwnerRecord`] after its header.
+    fn owner(&mut self, r: &mut RawEvent) {
+        r.pid = self.u32();
+        r.tgid = self.u32();
+        r.cgroup_id = self.u64();
+        r.comm = self.take();
+    }
+
+    /// The fields of a [`PortRecord`] after its header (or of a [`ListenRecord`] after its
+    /// owner).
+    fn port(&mut self, r: &mut RawEvent) {
+        r.netns = self.u32();
+        r.lport = self.u16();
+    }
+
+    /// The fields of a [`SocketRecord`] after its header.
+    fn socket(&mut self, r: &mut RawEvent) {
+        r.netns = self.u32();
+        r.lport = self.u16();
+        r.rport = self.u16();
+        r.saddr = self.take();
+        r.daddr = self.take();
+        r.bytes_acked = self.u64();
+        r.bytes_received = self.u64();
+        r.srtt_us = self.u32();
+        r.rttvar_us = self.u32();
+        r.retransmits = self.u32();
+        r.sk_err = self.u32() as i32;
+    }
 }
 
-/// Copies a record out of ring buffer bytes (written by a little-endian BPF target).
+/// Reads one kernel record (written by a little-endian BPF target) into the shape the tracker
+/// takes: a [`RawEvent`] with the fields of its kind's layout, the rest zero. Connect and accept
+/// records start their connection at their time.
 pub fn read_raw(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
-    if bytes.len() < RECORD_LEN {
-        return Err(DecodeError::Short(bytes.len()));
+    let short = || DecodeError::Short(bytes.len());
+    if bytes.len() < size_of::<Header>() {
+        return Err(short());
     }
     let mut f = Fields(bytes);
-    Ok(RawEvent {
+    let mut r = RawEvent {
         sk: f.u64(),
-        start_ns: f.u64(),
         ts_ns: f.u64(),
-        cgroup_id: f.u64(),
-        bytes_acked: f.u64(),
-        bytes_received: f.u64(),
-        pid: f.u32(),
-        tgid: f.u32(),
-        netns: f.u32(),
-        srtt_us: f.u32(),
-        rttvar_us: f.u32(),
-        retransmits: f.u32(),
-        sk_err: f.u32() as i32,
-        lport: f.u16(),
-        rport: f.u16(),
-        family: f.u16(),
-        flags: f.u16(),
         kind: f.u8(),
         direction: f.u8(),
         oldstate: f.u8(),
-        _pad: f.u8(),
-        saddr: f.take(),
-        daddr: f.take(),
-        comm: f.take(),
-    })
+        ..RawEvent::default()
+    };
+    f.u8();
+    r.flags = f.u16();
+    r.family = f.u16();
+    let fits = |size: usize| (bytes.len() >= size).then_some(()).ok_or_else(short);
+    match r.kind {
+        kind::CONNECT | kind::OWNER => {
+            fits(size_of::<OwnerRecord>())?;
+            f.owner(&mut r);
+        }
+        kind::LISTEN => {
+            fits(size_of::<ListenRecord>())?;
+            f.owner(&mut r);
+            f.port(&mut r);
+        }
+        // With no open delay an accept carries all of its addresses.
+        kind::ACCEPT if bytes.len() >= size_of::<SocketRecord>() => f.socket(&mut r),
+        kind::ACCEPT | kind::UNLISTEN => {
+            fits(size_of::<PortRecord>())?;
+            f.port(&mut r);
+        }
+        kind::CLOSE | kind::REPORT | kind::OPEN => {
+            fits(size_of::<SocketRecord>())?;
+            f.socket(&mut r);
+        }
+        kind::RETRANSMIT => {}
+        _ => {
+            return Err(DecodeError::Unknown {
+                kind: r.kind,
+                direction: r.direction,
+            });
+        }
+    }
+    if matches!(r.kind, kind::CONNECT | kind::ACCEPT) {
+        r.start_ns = r.ts_ns;
+    }
+    Ok(r)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` (0 if unreadable).
@@ -391,18 +441,53 @@ mod tests {
     }
 
     #[test]
-    fn record_layout_matches_the_kernel_struct() {
-        assert_eq!(RECORD_LEN, 136);
-        assert_eq!(std::mem::offset_of!(RawEvent, saddr), 88);
-        assert_eq!(std::mem::offset_of!(RawEvent, comm), 120);
-        let mut bytes = vec![0u8; RECORD_LEN];
-        bytes[48..52].copy_from_slice(&7u32.to_le_bytes()); // pid
-        bytes[76..78].copy_from_slice(&443u16.to_le_bytes()); // lport
-        bytes[84] = kind::CLOSE;
-        bytes[120..125].copy_from_slice(b"nginx");
+    fn record_layouts_match_the_kernel_structs() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            [
+                size_of::<Header>(),
+                size_of::<OwnerRecord>(),
+                size_of::<PortRecord>(),
+                size_of::<ListenRecord>(),
+                size_of::<SocketRecord>(),
+            ],
+            [24, 56, 32, 64, 96]
+        );
+        assert_eq!(offset_of!(SocketRecord, saddr), 32);
+        assert_eq!(offset_of!(SocketRecord, sk_err), 92);
+        assert_eq!(offset_of!(OwnerRecord, comm), 40);
+        // A close record, byte by byte.
+        let mut bytes = vec![0u8; size_of::<SocketRecord>()];
+        bytes[0..8].copy_from_slice(&0xffff_8880_0000_1000u64.to_le_bytes());
+        bytes[16] = kind::CLOSE;
+        bytes[18] = 9; // left LAST_ACK
+        bytes[20..22].copy_from_slice(&flags::TCP_COUNTERS.to_le_bytes());
+        bytes[28..30].copy_from_slice(&443u16.to_le_bytes()); // lport
+        bytes[64..72].copy_from_slice(&1234u64.to_le_bytes()); // bytes_acked
+        bytes[92..96].copy_from_slice(&104i32.to_le_bytes()); // sk_err
         let r = read_raw(&bytes).unwrap();
-        assert_eq!((r.pid, r.lport, r.kind), (7, 443, kind::CLOSE));
+        assert_eq!((r.kind, r.oldstate, r.lport), (kind::CLOSE, 9, 443));
+        assert_eq!((r.bytes_acked, r.sk_err, r.start_ns), (1234, 104, 0));
+        // A connect record: the owner, and the connection starts at its time.
+        let mut bytes = vec![0u8; size_of::<OwnerRecord>()];
+        bytes[8..16].copy_from_slice(&777u64.to_le_bytes());
+        bytes[16] = kind::CONNECT;
+        bytes[24..28].copy_from_slice(&7u32.to_le_bytes()); // pid
+        bytes[40..45].copy_from_slice(b"nginx");
+        let r = read_raw(&bytes).unwrap();
+        assert_eq!(
+            (r.kind, r.pid, r.start_ns, r.ts_ns),
+            (kind::CONNECT, 7, 777, 777)
+        );
         assert_eq!(&r.comm[..5], b"nginx");
+        // Too short for its kind.
+        assert_eq!(read_raw(&bytes[..40]), Err(DecodeError::Short(40)));
+        let mut port = vec![0u8; size_of::<PortRecord>()];
+        port[16] = kind::ACCEPT;
+        port[24..28].copy_from_slice(&4026531840u32.to_le_bytes());
+        port[28..30].copy_from_slice(&80u16.to_le_bytes());
+        let r = read_raw(&port).unwrap();
+        assert_eq!((r.netns, r.lport, r.rport), (4026531840, 80, 0));
     }
 
     #[test]

@@ -9,9 +9,9 @@
 //!
 //! - A connection that closes within `open_delay` gets its open from its close (the agent
 //!   reports both together: [`Record::open_first`]).
-//! - One that lives longer is announced by [`Tracker::sweep`]: at once when its addresses are
-//!   known (passive opens, from the accept record), after a report from the kernel otherwise
-//!   (an active open's local port and whether its handshake completed).
+//! - One that lives longer is announced by [`Tracker::sweep`] after a report from the kernel
+//!   (its addresses, and for an active open whether its handshake completed), or at once when
+//!   an earlier record gave its addresses.
 //! - Every `update_interval` the sweep asks the kernel for a report of each open connection,
 //!   which becomes an update.
 //! - A passive open's owner is the process listening on its port ([`Owner`] by network
@@ -218,12 +218,11 @@ impl Tracker {
                 self.insert(raw.sk, conn);
             }
             kind::ACCEPT => {
+                // All its addresses only when opens are reported at once; its local port always.
                 let addresses = Addresses::of(&raw);
                 let netns = netns(&raw);
-                let listener = match (netns, addresses) {
-                    (Some(ns), Some(a)) => self.listeners.get(&(ns, a.lport)).map(|l| l.1),
-                    _ => None,
-                };
+                let listener =
+                    netns.and_then(|ns| self.listeners.get(&(ns, raw.lport)).map(|l| l.1));
                 if listener.is_none() {
                     self.owners_wanted_until = raw.ts_ns.saturating_add(OWNERS_WANTED_FOR_NS);
                 }
@@ -267,16 +266,15 @@ impl Tracker {
                 }
             }
             kind::LISTEN => {
-                if let (Some(ns), Some(a), Some(owner)) =
-                    (netns(&raw), Addresses::of(&raw), Owner::of(&raw))
-                    && a.lport != 0
+                if let (Some(ns), Some(owner)) = (netns(&raw), Owner::of(&raw))
+                    && raw.lport != 0
                 {
-                    self.listeners.insert((ns, a.lport), (raw.sk, owner));
+                    self.listeners.insert((ns, raw.lport), (raw.sk, owner));
                 }
             }
             kind::UNLISTEN => {
-                if let (Some(ns), Some(a)) = (netns(&raw), Addresses::of(&raw)) {
-                    let key = (ns, a.lport);
+                if let Some(ns) = netns(&raw) {
+                    let key = (ns, raw.lport);
                     // Another listener on the port (SO_REUSEPORT) may have replaced it; one
                     // found in /proc (no socket address) goes with any close on its port.
                     if self
@@ -587,8 +585,13 @@ mod tests {
         r
     }
 
+    /// An accept record as the kernel writes it with an open delay: the local port and
+    /// network namespace, no addresses.
     fn accept(sk: u64, ts: u64, lport: u16) -> RawEvent {
-        let mut r = with_addresses(record(kind::ACCEPT, sk, ts), lport, 40_000);
+        let mut r = record(kind::ACCEPT, sk, ts);
+        r.lport = lport;
+        r.netns = NS;
+        r.flags |= flags::NETNS;
         r.start_ns = ts;
         r.direction = direction::PASSIVE;
         r
@@ -743,11 +746,17 @@ mod tests {
         );
         let (out, ask) = sweep(&mut t, SEC / 2);
         assert!(out.is_empty() && ask.is_empty(), "younger than the delay");
-        // Past the delay: the passive end's addresses are known, the active end's are not.
-        let (out, ask) = sweep(&mut t, SEC);
-        assert_eq!(out.len(), 1);
+        // Past the delay: the kernel is asked about both (addresses; the handshake).
+        let (out, mut ask) = sweep(&mut t, SEC);
+        assert!(out.is_empty());
+        ask.sort_unstable();
+        assert_eq!(ask, [1, 2]);
+        let out = run(&mut t, &[report(2, SEC, 1, 80)]);
         assert_eq!((out[0].raw.kind, out[0].raw.sk), (kind::OPEN, 2));
-        assert_eq!(ask, [1]);
+        assert_eq!(
+            (out[0].raw.lport, out[0].raw.direction),
+            (80, direction::PASSIVE)
+        );
         // Still connecting: nothing yet; then established.
         assert!(run(&mut t, &[report(1, SEC, TCP_SYN_SENT, 0)]).is_empty());
         let out = run(&mut t, &[report(1, SEC + 1, 1, 40_000)]);
@@ -789,11 +798,15 @@ mod tests {
     #[test]
     fn with_no_open_delay_opens_are_reported_as_they_happen() {
         let mut t = Tracker::new(16, 0, 0);
-        let out = run(&mut t, &[accept(1, 100, 80)]);
+        // Without a delay the kernel's accept record has all the addresses.
+        let mut full = with_addresses(accept(1, 100, 80), 80, 40_000);
+        full.lport = 80;
+        let out = run(&mut t, &[full]);
         assert_eq!(
             (out[0].raw.kind, out[0].raw.direction),
             (kind::OPEN, direction::PASSIVE)
         );
+        assert_eq!((out[0].raw.lport, out[0].raw.rport), (80, 40_000));
         let mut established = with_addresses(record(kind::OPEN, 2, 300), 40_001, 80);
         established.direction = direction::ACTIVE;
         let out = run(&mut t, &[connect(2, 200, owner(10, "curl")), established]);

@@ -6,8 +6,10 @@
 //! pass them as globals.
 //!
 //! The kernel programs keep no state per connection: each state change that matters writes a
-//! record ([`RawEvent`], [`kind`]) to the ring buffer, and the agent joins a connection's
-//! records (its connect or accept, then its close) in a table of its own.
+//! record to the ring buffer ([`kind`]; the layouts [`OwnerRecord`], [`PortRecord`],
+//! [`ListenRecord`], [`SocketRecord`], each starting with a [`Header`]), and the agent joins a
+//! connection's records (its connect or accept, then its close) in a table of its own, into
+//! [`RawEvent`]s.
 #![no_std]
 
 /// Indexes into the per-CPU `COUNTERS` array map that every kernel program updates.
@@ -101,7 +103,7 @@ pub mod flags {
     pub const SK_ERR: u16 = 1 << 2;
     /// pid, tgid, comm and cgroup id are those of the connection's owner.
     pub const PROCESS: u16 = 1 << 3;
-    /// The addresses and ports are set (local port 0 while an active open is in `SYN_SENT`).
+    /// The addresses and ports are all set (a port record has its local port alone).
     pub const ADDRESSES: u16 = 1 << 4;
 }
 
@@ -278,7 +280,106 @@ fn extent(fields: &[(u32, u32)]) -> Option<(u32, u32)> {
     Some(span)
 }
 
-/// One record in the `EVENTS` ring buffer.
+/// What every record in the `EVENTS` ring buffer starts with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// Kernel address of the socket.
+    pub sk: u64,
+    /// `bpf_ktime_get_ns` when the record was written: the start of a connect or accept.
+    pub ts_ns: u64,
+    /// [`kind`].
+    pub kind: u8,
+    /// [`direction`] (connect, accept, open), 0 otherwise.
+    pub direction: u8,
+    /// The state a close left; the current state in a report (255 when unknown).
+    pub oldstate: u8,
+    /// Padding.
+    pub _pad: u8,
+    /// [`flags`] bits.
+    pub flags: u16,
+    /// `AF_INET` or `AF_INET6` (0 when not read).
+    pub family: u16,
+}
+
+/// Connect and owner records: the process that owns the socket (the current one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRecord {
+    /// Kind, socket, time.
+    pub head: Header,
+    /// Thread id.
+    pub pid: u32,
+    /// Thread group id.
+    pub tgid: u32,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// `comm`.
+    pub comm: [u8; 16],
+}
+
+/// Accept (with an open delay) and unlisten records: a socket's local port and network
+/// namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRecord {
+    /// Kind, socket, time.
+    pub head: Header,
+    /// Network namespace inode number ([`flags::NETNS`]).
+    pub netns: u32,
+    /// Local port (host order).
+    pub lport: u16,
+    /// Padding.
+    pub _pad: u16,
+}
+
+/// Listen records: the owner of a listening port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenRecord {
+    /// The owner (kind `LISTEN`).
+    pub owner: OwnerRecord,
+    /// Network namespace inode number ([`flags::NETNS`]).
+    pub netns: u32,
+    /// Local port (host order).
+    pub lport: u16,
+    /// Padding.
+    pub _pad: u16,
+}
+
+/// Close, report and open records (and accept records without an open delay): the socket's
+/// addresses and, for close and report, its counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRecord {
+    /// Kind, socket, time, family.
+    pub head: Header,
+    /// Network namespace inode number ([`flags::NETNS`]).
+    pub netns: u32,
+    /// Local port (host order).
+    pub lport: u16,
+    /// Peer port (host order).
+    pub rport: u16,
+    /// Local address (IPv4 as v4-mapped IPv6).
+    pub saddr: [u8; 16],
+    /// Peer address.
+    pub daddr: [u8; 16],
+    /// `tcp_sock.bytes_acked`.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`.
+    pub bytes_received: u64,
+    /// `tcp_sock.srtt_us >> 3`.
+    pub srtt_us: u32,
+    /// `tcp_sock.mdev_us >> 2`.
+    pub rttvar_us: u32,
+    /// `tcp_sock.total_retrans`.
+    pub retransmits: u32,
+    /// `sock.sk_err` (close records, [`flags::SK_ERR`]).
+    pub sk_err: i32,
+}
+
+/// A connection event as the agent assembles it from the kernel's records (and, in tests,
+/// any record expanded to one shape): what the decoder turns into a connection event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawEvent {
@@ -337,6 +438,4 @@ pub struct RawEvent {
 mod pod {
     // SAFETY: plain `#[repr(C)]` data of integers and byte arrays, no padding left implicit.
     unsafe impl aya::Pod for super::Offsets {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::RawEvent {}
 }

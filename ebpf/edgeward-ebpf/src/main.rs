@@ -6,10 +6,13 @@
 //! `tcp:tcp_retransmit_skb` only where BTF does not give `tcp_sock.total_retrans`. Nothing
 //! runs per send or receive: the cost is per state change, whatever a connection carries.
 //!
-//! **No state per connection in the kernel.** Each state change that matters writes one record
-//! to the ring buffer ([`kind`]), and the agent joins a connection's records in a bounded table
-//! of its own: a record costs a fraction of a BPF hash-map insert and delete (and their cache
-//! misses), which were most of the probe's cost per connection.
+//! **No state per connection in the kernel.** Each state change that matters writes one small
+//! record to the ring buffer ([`kind`], with a layout per kind), and the agent joins a
+//! connection's records in a bounded table of its own: a record costs a fraction of a BPF
+//! hash-map insert and delete (and their cache misses), which were most of the probe's cost per
+//! connection. Each kind has its own writer, inlined where it is used, so that a run executes
+//! (and fetches) little code: the probe runs about ten times per short connection, between
+//! which the network stack evicts it from the instruction cache.
 //! - `-> SYN_SENT` (`connect()`, process context): a **connect** record with the start time,
 //!   the owner (current process) and the peer.
 //! - `SYN_RECV -> ESTABLISHED` (softirq): an **accept** record with the start time, addresses
@@ -54,8 +57,8 @@ use aya_ebpf::{
     programs::{FExitContext, RawTracePointContext, TracePointContext},
 };
 use edgeward_common::{
-    COUNTERS_SPAN_MAX, NO_OFFSET, Offsets, RawEvent, SOCK_HEAD_MAX, counter, direction, flags,
-    kind, report, wanted,
+    COUNTERS_SPAN_MAX, Header, ListenRecord, NO_OFFSET, Offsets, OwnerRecord, PortRecord,
+    SOCK_HEAD_MAX, SocketRecord, counter, direction, flags, kind, report, wanted,
 };
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
@@ -144,8 +147,8 @@ fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
 /// into a byte-by-byte `memmove` on BPF (about a hundred instructions per copy).
 ///
 /// # Safety
-/// Both pointers must be valid and 8-byte aligned: every 16-byte field of `RawEvent` sits at a
-/// multiple of 8 in an 8-aligned struct, and the head's IPv6 addresses are 8-aligned (the
+/// Both pointers must be valid and 8-byte aligned: every 16-byte field of the records sits at
+/// a multiple of 8 in an 8-aligned struct, and the head's IPv6 addresses are 8-aligned (the
 /// agent sets `sock_head_len` only then).
 #[inline(always)]
 unsafe fn copy16(dst: *mut [u8; 16], src: *const [u8; 16]) {
@@ -161,7 +164,7 @@ unsafe fn copy16(dst: *mut [u8; 16], src: *const [u8; 16]) {
 #[inline(always)]
 fn field_addr(ctx: &TracePointContext, offset: usize, dst: *mut [u8; 16]) {
     let d = dst as *mut u64;
-    // SAFETY: `dst` is a field of an 8-aligned `RawEvent` at a multiple of 8 (see `copy16`).
+    // SAFETY: `dst` is a field of an 8-aligned record at a multiple of 8 (see `copy16`).
     unsafe {
         *d = field(ctx, offset);
         *d.add(1) = field(ctx, offset + 8);
@@ -174,11 +177,16 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The offsets the agent wrote into `OFFSETS` before load. The compiler must not fold in the
+/// default values the static is built with, so the pointer to it is read back through a
+/// volatile load; each field is then one load where it is used. (A volatile read of the struct
+/// itself copied all 24 words at every use: a third of the program's instructions.)
 #[inline(always)]
-fn offsets() -> Offsets {
-    // SAFETY: OFFSETS lives in read-only global data that the agent fills in before load;
-    // the volatile read keeps the compiler from folding in the default value.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+fn offsets() -> &'static Offsets {
+    let p: *const Offsets = &OFFSETS;
+    // SAFETY: `p` is a valid pointer to a static; reading it back is a plain load, and the
+    // static lives in read-only global data for the whole life of the program.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 /// Reads `len` bytes of the socket from offset `base` into this CPU's scratch slot, for
@@ -237,27 +245,28 @@ fn read_into<T: Copy>(base: u64, offset: u32, out: &mut T) -> bool {
     }
 }
 
-/// A reserved ring buffer record, zeroed, with the fields every record has.
+/// Zeroes a reserved record and writes its header.
 ///
 /// # Safety
-/// `e` points at a reserved, exclusively owned ring buffer record of `RawEvent`'s size.
+/// `e` points at a reserved, exclusively owned ring buffer record of type `T`: 8-aligned, a
+/// multiple of 8 bytes long, starting with a [`Header`], plain data (all zeroes is a value).
 #[inline(always)]
-unsafe fn begin(e: *mut RawEvent, sk: u64, record: u8, now: u64) {
+unsafe fn begin<T>(e: *mut T, sk: u64, record: u8, now: u64) {
     let words = e as *mut u64;
     let mut i = 0;
-    while i < core::mem::size_of::<RawEvent>() / 8 {
+    while i < core::mem::size_of::<T>() / 8 {
         // Volatile: plain zero stores around later field writes become calls into a byte-wise
         // `memset` for the odd-sized gaps.
-        // SAFETY: `RawEvent` is 8-aligned and a multiple of 8 bytes long (the caller's
-        // reservation), and all zeroes is a valid value of it.
+        // SAFETY: inside the record (the caller).
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
         i += 1;
     }
-    // SAFETY: as above.
+    let h = e as *mut Header;
+    // SAFETY: the record starts with a header (the caller).
     unsafe {
-        (*e).sk = sk;
-        (*e).ts_ns = now;
-        (*e).kind = record;
+        (*h).sk = sk;
+        (*h).ts_ns = now;
+        (*h).kind = record;
     }
 }
 
@@ -265,7 +274,7 @@ unsafe fn begin(e: *mut RawEvent, sk: u64, record: u8, now: u64) {
 /// otherwise): a wakeup per record costs an irq_work in the kernel and a context switch in the
 /// agent, which at tens of thousands of connections a second dominates.
 #[inline(always)]
-fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>) {
+fn submit<T>(entry: aya_ebpf::maps::ring_buf::RingBufEntry<T>) {
     let threshold = offsets().wakeup_bytes;
     let wakeup = if threshold == 0 || EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
         BPF_RB_FORCE_WAKEUP
@@ -276,12 +285,12 @@ fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<RawEvent>) {
     count(counter::EVENTS);
 }
 
-/// Writes the current process into a record as its owner (process context only).
+/// Writes the current process into an owner record (process context only).
 ///
 /// # Safety
-/// As for [`begin`].
+/// `e` points at a reserved owner record.
 #[inline(always)]
-unsafe fn owner(e: *mut RawEvent) {
+unsafe fn owner(e: *mut OwnerRecord) {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: `e` is a reserved record (the caller); `comm` is a writable 16-byte buffer, and
     // the helper zeroes it on failure. Straight into the record: the helper's safe wrapper
@@ -291,7 +300,7 @@ unsafe fn owner(e: *mut RawEvent) {
         (*e).tgid = (id >> 32) as u32;
         bpf_get_current_comm((*e).comm.as_mut_ptr() as *mut _, 16);
         (*e).cgroup_id = bpf_get_current_cgroup_id();
-        (*e).flags |= flags::PROCESS;
+        (*e).head.flags |= flags::PROCESS;
     }
 }
 
@@ -331,20 +340,20 @@ fn counters_from_span(sk: u64, off: &Offsets) -> Option<(u32, u32, u64, u64, u32
     }
 }
 
-/// Writes the `tcp_sock` counters into a record: one read of the span that holds them, or
-/// each on its own when that span is not set.
+/// Writes the `tcp_sock` counters into a socket record: one read of the span that holds them,
+/// or each on its own when that span is not set.
 ///
 /// # Safety
-/// As for [`begin`].
+/// `e` points at a reserved socket record.
 #[inline(always)]
-unsafe fn counters(e: *mut RawEvent, sk: u64) {
+unsafe fn counters(e: *mut SocketRecord, sk: u64) {
     let off = offsets();
     // Every value is a defined zero until read: with `Option`s, LLVM may compute on the
     // payload of a `None` (whatever a register held) before selecting it away, which the
     // verifier rejects.
     let (mut srtt, mut mdev, mut acked, mut received, mut retrans) = (0u32, 0u32, 0u64, 0u64, 0u32);
     let known;
-    if let Some(c) = counters_from_span(sk, &off) {
+    if let Some(c) = counters_from_span(sk, off) {
         (srtt, mdev, acked, received, retrans) = c;
         known = true;
     } else {
@@ -364,7 +373,7 @@ unsafe fn counters(e: *mut RawEvent, sk: u64) {
         core::ptr::write_volatile(&mut (*e).bytes_acked, acked);
         core::ptr::write_volatile(&mut (*e).bytes_received, received);
         if known {
-            (*e).flags |= flags::TCP_COUNTERS;
+            (*e).head.flags |= flags::TCP_COUNTERS;
         }
     }
 }
@@ -373,12 +382,18 @@ unsafe fn counters(e: *mut RawEvent, sk: u64) {
 /// TCP.
 trait Source {
     /// Writes family, ports and addresses (IPv4 as v4-mapped IPv6, as the tracepoint record
-    /// has them) into the record, with the socket's network namespace when it can be read.
-    /// Returns the socket's state when the source knows it (raw form), or -1.
+    /// has them) into a socket record, with the socket's network namespace when it can be
+    /// read. Returns the socket's state when the source knows it (raw form), or -1.
     ///
     /// # Safety
-    /// As for [`begin`].
-    unsafe fn socket(&self, e: *mut RawEvent) -> i32;
+    /// `e` points at a reserved socket record.
+    unsafe fn socket(&self, e: *mut SocketRecord) -> i32;
+    /// Writes the family, local port and network namespace into a port record (not the
+    /// addresses: [`flags::ADDRESSES`] stays clear).
+    ///
+    /// # Safety
+    /// `e` points at a reserved port record.
+    unsafe fn port(&self, e: *mut PortRecord);
     /// Whether the socket is a TCP socket.
     fn is_tcp(&self) -> bool;
 }
@@ -389,25 +404,50 @@ struct Record<'a> {
     sk: u64,
 }
 
+impl Record<'_> {
+    /// The socket's network namespace: two reads (the record does not have it).
+    #[inline(always)]
+    fn netns(&self) -> Option<u32> {
+        let mut net = 0u64;
+        if !read_into(self.sk, offsets().sk_net, &mut net) {
+            return None;
+        }
+        net_inum(net)
+    }
+}
+
 impl Source for Record<'_> {
     #[inline(always)]
-    unsafe fn socket(&self, e: *mut RawEvent) -> i32 {
+    unsafe fn socket(&self, e: *mut SocketRecord) -> i32 {
         let ctx = self.ctx;
         // SAFETY: `e` is a reserved record (the caller).
         unsafe {
             (*e).lport = field(ctx, set_state::SPORT);
             (*e).rport = field(ctx, set_state::DPORT);
-            (*e).family = field(ctx, set_state::FAMILY);
+            (*e).head.family = field(ctx, set_state::FAMILY);
             field_addr(ctx, set_state::SADDR_V6, &mut (*e).saddr);
             field_addr(ctx, set_state::DADDR_V6, &mut (*e).daddr);
-            (*e).flags |= flags::ADDRESSES;
-            let off = offsets();
-            let mut net = 0u64;
-            if read_into(self.sk, off.sk_net, &mut net) {
-                netns(e, net);
+            (*e).head.flags |= flags::ADDRESSES;
+            if let Some(ns) = self.netns() {
+                (*e).netns = ns;
+                (*e).head.flags |= flags::NETNS;
             }
         }
         -1
+    }
+
+    #[inline(always)]
+    unsafe fn port(&self, e: *mut PortRecord) {
+        let ctx = self.ctx;
+        // SAFETY: `e` is a reserved record (the caller).
+        unsafe {
+            (*e).lport = field(ctx, set_state::SPORT);
+            (*e).head.family = field(ctx, set_state::FAMILY);
+            if let Some(ns) = self.netns() {
+                (*e).netns = ns;
+                (*e).head.flags |= flags::NETNS;
+            }
+        }
     }
 
     #[inline(always)]
@@ -420,9 +460,24 @@ impl Source for Record<'_> {
 /// go into the per-CPU scratch slot and the fields picked at their BTF offsets.
 struct Sock(u64);
 
+impl Sock {
+    /// The network namespace of a socket whose head is in `buf` (the pointer to `struct net`
+    /// is in the head on kernels that put it there, else read on its own).
+    #[inline(always)]
+    fn netns(&self, buf: *const u8) -> Option<u32> {
+        let off = offsets();
+        // SAFETY: `buf` is the head read by `read_span`; pointers are 8-aligned.
+        let mut net = unsafe { span_field::<u64>(buf, 0, off.sk_net, SOCK_HEAD_MAX) }.unwrap_or(0);
+        if net == 0 && !read_into(self.0, off.sk_net, &mut net) {
+            return None;
+        }
+        net_inum(net)
+    }
+}
+
 impl Source for Sock {
     #[inline(always)]
-    unsafe fn socket(&self, e: *mut RawEvent) -> i32 {
+    unsafe fn socket(&self, e: *mut SocketRecord) -> i32 {
         let off = offsets();
         let Some(buf) = read_span(self.0, 0, off.sock_head_len) else {
             return -1;
@@ -433,12 +488,14 @@ impl Source for Sock {
         // are 8-aligned, as `copy16` needs. `e` is a reserved record (the caller).
         unsafe {
             let state = span_field::<u8>(buf, 0, off.skc_state, MAX).map_or(-1, i32::from);
-            // Taken from the slot before anything else reads into it.
-            let net = span_field::<u64>(buf, 0, off.sk_net, MAX).unwrap_or(0);
+            if let Some(ns) = self.netns(buf) {
+                (*e).netns = ns;
+                (*e).head.flags |= flags::NETNS;
+            }
             let Some(family) = span_field::<u16>(buf, 0, off.skc_family, MAX) else {
                 return state;
             };
-            (*e).family = family;
+            (*e).head.family = family;
             if let Some(port) = span_field::<u16>(buf, 0, off.skc_dport, MAX) {
                 (*e).rport = u16::from_be(port);
             }
@@ -460,12 +517,31 @@ impl Source for Sock {
                     v4_mapped(addr, &mut (*e).daddr);
                 }
             }
-            (*e).flags |= flags::ADDRESSES;
-            let mut net = net;
-            if net != 0 || read_into(self.0, off.sk_net, &mut net) {
-                netns(e, net);
-            }
+            (*e).head.flags |= flags::ADDRESSES;
             state
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn port(&self, e: *mut PortRecord) {
+        let off = offsets();
+        let Some(buf) = read_span(self.0, 0, off.sock_head_len) else {
+            return;
+        };
+        const MAX: usize = SOCK_HEAD_MAX;
+        // SAFETY: as in `socket`.
+        unsafe {
+            if let Some(ns) = self.netns(buf) {
+                (*e).netns = ns;
+                (*e).head.flags |= flags::NETNS;
+            }
+            if let (Some(family), Some(port)) = (
+                span_field::<u16>(buf, 0, off.skc_family, MAX),
+                span_field::<u16>(buf, 0, off.skc_num, MAX),
+            ) {
+                (*e).head.family = family;
+                (*e).lport = port;
+            }
         }
     }
 
@@ -476,27 +552,18 @@ impl Source for Sock {
     }
 }
 
-/// Writes the inode number of the network namespace at `net` into the record.
-///
-/// # Safety
-/// As for [`begin`].
+/// The inode number of the network namespace at `net`.
 #[inline(always)]
-unsafe fn netns(e: *mut RawEvent, net: u64) {
+fn net_inum(net: u64) -> Option<u32> {
     let mut inum = 0u32;
-    if read_into(net, offsets().net_inum, &mut inum) {
-        // SAFETY: `e` is a reserved record (the caller).
-        unsafe {
-            (*e).netns = inum;
-            (*e).flags |= flags::NETNS;
-        }
-    }
+    read_into(net, offsets().net_inum, &mut inum).then_some(inum)
 }
 
 /// `::ffff:a.b.c.d` from an IPv4 address as it lies in memory (network order).
 #[inline(always)]
 fn v4_mapped(addr: u32, dst: *mut [u8; 16]) {
     let d = dst as *mut u64;
-    // SAFETY: `dst` is a field of an 8-aligned `RawEvent` at a multiple of 8 (see `copy16`).
+    // SAFETY: `dst` is a field of an 8-aligned record at a multiple of 8 (see `copy16`).
     // Little-endian: bytes 8..12 are 00 00 ff ff, bytes 12..16 the address.
     unsafe {
         *d = 0;
@@ -579,12 +646,12 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
         // connect(): process context, the owner is current.
         TCP_SYN_SENT => {
             if source.is_tcp() {
-                write(source, sk, kind::CONNECT, direction::ACTIVE, oldstate);
+                write_owner(sk, kind::CONNECT, direction::ACTIVE);
             }
         }
         TCP_ESTABLISHED if oldstate == TCP_SYN_RECV => {
             if source.is_tcp() {
-                write(source, sk, kind::ACCEPT, direction::PASSIVE, oldstate);
+                write_accept(source, sk);
             }
         }
         // With an open delay the agent learns the final addresses later, from a report or
@@ -594,31 +661,31 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
             let off = offsets();
             let at_once = off.open_delay_ns == 0 || off.sock_head_len == 0;
             if (at_once || is_wanted(wanted::ESTABLISHED)) && source.is_tcp() {
-                write(source, sk, kind::OPEN, direction::ACTIVE, oldstate);
+                write_socket(source, sk, kind::OPEN, direction::ACTIVE, oldstate);
             }
         }
         TCP_LISTEN => {
             if source.is_tcp() {
-                write(source, sk, kind::LISTEN, 0, oldstate);
+                write_listen(source, sk);
             }
         }
         // Only `close()` or `shutdown()` enter these states: process context, the owner's.
         TCP_FIN_WAIT1 | TCP_LAST_ACK => {
             if is_wanted(wanted::OWNERS) {
-                write_owner(sk);
+                write_owner(sk, kind::OWNER, 0);
             }
         }
         TCP_CLOSE => match oldstate {
             TCP_LISTEN => {
                 if source.is_tcp() {
-                    write(source, sk, kind::UNLISTEN, 0, oldstate);
+                    write_port(source, sk, kind::UNLISTEN, 0);
                 }
             }
             // A child socket that never finished its handshake: never reported.
             TCP_SYN_RECV => {}
             _ => {
                 if source.is_tcp() {
-                    write(source, sk, kind::CLOSE, 0, oldstate);
+                    write_close(source, sk, oldstate);
                 }
             }
         },
@@ -626,88 +693,144 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
     }
 }
 
-/// Writes one record about `sk` to the ring buffer; counts it or its loss.
+/// Reserves a record of type `T`; counts a full ring buffer.
 #[inline(always)]
-fn write<S: Source>(source: &S, sk: u64, record: u8, dir: u8, oldstate: i32) -> u32 {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
         count(counter::RINGBUF_FULL);
+    }
+    entry
+}
+
+/// A connect or owner record: the current process owns `sk`.
+#[inline(always)]
+fn write_owner(sk: u64, record: u8, dir: u8) {
+    let Some(mut entry) = reserve::<OwnerRecord>() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved, exclusively owned record, which `begin` initialises
+    // whole before the fields are set.
+    unsafe {
+        begin(e, sk, record, now());
+        (*e).head.direction = dir;
+        owner(e);
+    }
+    submit(entry);
+}
+
+/// A listen record: the current process owns the listening port.
+#[inline(always)]
+fn write_listen<S: Source>(source: &S, sk: u64) {
+    let Some(mut entry) = reserve::<ListenRecord>() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: as in `write_owner`; the port fields of a listen record follow its owner record
+    // as in a port record after its header.
+    unsafe {
+        begin(e, sk, kind::LISTEN, now());
+        owner(&mut (*e).owner);
+        let mut port = PortRecord::default();
+        source.port(&mut port);
+        (*e).netns = port.netns;
+        (*e).lport = port.lport;
+        (*e).owner.head.family = port.head.family;
+        (*e).owner.head.flags |= port.head.flags;
+    }
+    submit(entry);
+}
+
+/// An accept record: the start of a passive open, with its port and network namespace (and,
+/// when opens are reported at once, all of its addresses).
+#[inline(always)]
+fn write_accept<S: Source>(source: &S, sk: u64) {
+    if offsets().open_delay_ns == 0 {
+        write_socket(source, sk, kind::ACCEPT, direction::PASSIVE, TCP_SYN_RECV);
+    } else {
+        write_port(source, sk, kind::ACCEPT, direction::PASSIVE);
+    }
+}
+
+/// A port record about `sk`.
+#[inline(always)]
+fn write_port<S: Source>(source: &S, sk: u64, record: u8, dir: u8) {
+    let Some(mut entry) = reserve::<PortRecord>() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: as in `write_owner`.
+    unsafe {
+        begin(e, sk, record, now());
+        (*e).head.direction = dir;
+        source.port(e);
+    }
+    submit(entry);
+}
+
+/// A socket record about `sk` with its addresses (open, report; the accept of a passive open
+/// reported at once).
+#[inline(always)]
+fn write_socket<S: Source>(source: &S, sk: u64, record: u8, dir: u8, oldstate: i32) -> u32 {
+    let Some(mut entry) = reserve::<SocketRecord>() else {
         return report::RING_FULL;
     };
     let e = entry.as_mut_ptr();
-    let now = now();
-    // SAFETY: `e` points at the reserved, exclusively owned record; `begin` initialises every
-    // byte before the fields are set.
+    // SAFETY: as in `write_owner`.
     unsafe {
-        begin(e, sk, record, now);
-        (*e).direction = dir;
-        (*e).oldstate = oldstate as u8;
-        match record {
-            kind::CONNECT => {
-                (*e).start_ns = now;
-                owner(e);
-                // The peer is set by now; the local port only once the handshake completes.
-                source.socket(e);
-            }
-            kind::ACCEPT => {
-                (*e).start_ns = now;
-                source.socket(e);
-            }
-            kind::LISTEN => {
-                owner(e);
-                source.socket(e);
-            }
-            kind::CLOSE => {
-                source.socket(e);
-                // An automatically chosen local port is released before the state change
-                // (`skc_num` reads 0); `inet_sport` keeps it.
-                if (*e).lport == 0 {
-                    let mut port = 0u16;
-                    if read_into(sk, offsets().inet_sport, &mut port) {
-                        (*e).lport = u16::from_be(port);
-                    }
-                }
-                counters(e, sk);
-                let sk_err = SkErr::read(sk);
-                if sk_err.known {
-                    (*e).sk_err = sk_err.value;
-                    (*e).flags |= flags::SK_ERR;
-                    // An abort with no error from an open connection is the owner's
-                    // `close()` or `shutdown()`: a reset or time-out the kernel sees sets
-                    // `sk_err` before the state changes.
-                    if sk_err.value == 0
-                        && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)
-                    {
-                        owner(e);
-                    }
-                }
-            }
-            kind::REPORT => {
-                let state = source.socket(e);
-                (*e).oldstate = state as u8;
-                counters(e, sk);
-            }
-            // OPEN, UNLISTEN
-            _ => {
-                source.socket(e);
-            }
+        begin(e, sk, record, now());
+        (*e).head.direction = dir;
+        let state = source.socket(e);
+        (*e).head.oldstate = if record == kind::REPORT {
+            state as u8
+        } else {
+            oldstate as u8
+        };
+        if record == kind::REPORT {
+            counters(e, sk);
         }
     }
     submit(entry);
     report::WRITTEN
 }
 
-/// An owner record for `sk`: the current process.
+/// A close record: final addresses, counters and `sk_err`; the current process too when it is
+/// the owner's abortive close.
 #[inline(always)]
-fn write_owner(sk: u64) {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
-        count(counter::RINGBUF_FULL);
+fn write_close<S: Source>(source: &S, sk: u64, oldstate: i32) {
+    let sk_err = SkErr::read(sk);
+    // An abort with no error from an open connection is the owner's `close()` or
+    // `shutdown()`: a reset or time-out the kernel sees sets `sk_err` before the state
+    // changes. Its owner record goes first.
+    if sk_err.known
+        && sk_err.value == 0
+        && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)
+    {
+        write_owner(sk, kind::OWNER, 0);
+    }
+    let Some(mut entry) = reserve::<SocketRecord>() else {
         return;
     };
     let e = entry.as_mut_ptr();
-    // SAFETY: as in `write`.
+    // SAFETY: as in `write_owner`.
     unsafe {
-        begin(e, sk, kind::OWNER, now());
-        owner(e);
+        begin(e, sk, kind::CLOSE, now());
+        (*e).head.oldstate = oldstate as u8;
+        source.socket(e);
+        // An automatically chosen local port is released before the state change
+        // (`skc_num` reads 0); `inet_sport` keeps it.
+        if (*e).lport == 0 {
+            let mut port = 0u16;
+            if read_into(sk, offsets().inet_sport, &mut port) {
+                (*e).lport = u16::from_be(port);
+            }
+        }
+        counters(e, sk);
+        if sk_err.known {
+            (*e).sk_err = sk_err.value;
+            (*e).head.flags |= flags::SK_ERR;
+        }
     }
     submit(entry);
 }
@@ -729,11 +852,10 @@ pub fn conn_retransmit_raw(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_retransmit(sk: u64) {
-    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
-        count(counter::RINGBUF_FULL);
+    let Some(mut entry) = reserve::<Header>() else {
         return;
     };
-    // SAFETY: as in `write`.
+    // SAFETY: as in `write_owner`.
     unsafe { begin(entry.as_mut_ptr(), sk, kind::RETRANSMIT, now()) };
     submit(entry);
 }
@@ -752,7 +874,7 @@ pub fn conn_report(ctx: *mut core::ffi::c_void) -> u32 {
     if sk == 0 {
         return report::GONE;
     }
-    write(&Sock(sk), sk, kind::REPORT, 0, 0)
+    write_socket(&Sock(sk), sk, kind::REPORT, 0, 0)
 }
 
 /// fexit on `inet_csk_accept`: the process that accepted a passive open, as an owner record
@@ -762,7 +884,7 @@ pub fn conn_accept(ctx: FExitContext) -> i32 {
     if let Ok(sk) = ctx.ret::<u64>()
         && sk != 0
     {
-        write_owner(sk);
+        write_owner(sk, kind::OWNER, 0);
     }
     0
 }
