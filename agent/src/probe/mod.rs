@@ -1,13 +1,15 @@
 //! The eBPF TCP probe: loads edgeward's kernel programs (embedded in the binary at build time),
 //! attaches them to kernel tracepoints (and an fexit trampoline where the kernel allows one),
-//! and turns what they report into enriched [`ConnectionEvent`]s. Connections that live longer
-//! than `open_delay` are found by a sweep of the kernel's connection map, which also has the
-//! kernel write their periodic updates (`conn_report`, run on demand).
+//! and turns what they report into enriched [`ConnectionEvent`]s. The kernel keeps no state per
+//! connection: the reader joins its records in a bounded table (`tracker`), whose sweep
+//! announces long-lived connections and has the kernel report their counters when updates are
+//! due (`conn_report`, run on demand).
 //!
-//! Data path: ring buffer reader (never blocks) → bounded channel → enrichment thread →
-//! bounded channel out ([`Probe::take_events`]). Full channel = the event is dropped and
-//! counted. Kernel-side losses (ring buffer full, connections the LRU map lost track of) are
-//! counted in a per-CPU map. Every loss shows in `/status` (`probe.drops`) and in metrics.
+//! Data path: ring buffer reader (never blocks; joins records) → bounded channel → enrichment
+//! thread → bounded channel out ([`Probe::take_events`]). Full channel = the batch is dropped
+//! and counted. A full ring buffer is counted in a per-CPU map in the kernel, connections the
+//! table did not hold by the reader. Every loss shows in `/status` (`probe.drops`) and in
+//! metrics.
 //!
 //! Without the privileges or kernel features it needs, the probe reports itself `degraded` with
 //! the exact reason and the rest of the agent keeps running.
@@ -61,21 +63,21 @@ pub struct ProbeConfig {
     /// Load the eBPF programs. `--no-ebpf` sets this to false.
     pub enabled: bool,
     /// Size of the kernel → agent ring buffer in bytes: a power of two, at least 4096 (one
-    /// page). Each event takes 144 bytes in it.
+    /// page). A short connection's records take about 310 bytes in it (both ends).
     pub ring_buffer_bytes: u32,
-    /// Connections tracked in flight by the kernel (LRU map entries, 104 bytes each). A
-    /// connection evicted while open is counted as a loss when it closes.
+    /// Connections in flight in the agent's table (about 150 bytes each). When it is full
+    /// the oldest is forgotten, and counted as a loss (`untracked`) when it closes.
     pub max_connections: u32,
     /// How often an open connection reports its counters (an `update` event). The agent's
-    /// sweep of the kernel's connection map has the kernel read them when they are due, so a
+    /// sweep of its table has the kernel read them when they are due, so a
     /// connection is updated whether or not it carries traffic. "0s" turns updates off.
     #[serde(with = "crate::config::serde_duration")]
     pub update_interval: Duration,
     /// A connection's open event waits this long: one that closes sooner is reported with
-    /// its open and close together (one kernel record per end instead of two, the cheaper
-    /// path for short connections); a longer one is reported by the sweep of the kernel's
-    /// connection map, which runs at this pace (at most once a second, more often only when
-    /// `update_interval` is shorter). "0s" reports every open as it happens.
+    /// its open and close together (the cheaper path for short connections); a longer one is
+    /// reported by the sweep of the agent's table of connections, which runs at this pace (at
+    /// most once a second, more often only when `update_interval` is shorter). "0s" reports
+    /// every open as it happens.
     #[serde(with = "crate::config::serde_duration")]
     pub open_delay: Duration,
     /// Capacity of each of the two bounded channels (reader → enrichment → consumer).
@@ -571,7 +573,7 @@ impl ProbeConfig {
 }
 
 impl ProbeConfig {
-    /// How often the agent sweeps the kernel's connection map: at the pace of `open_delay`
+    /// How often the agent sweeps its table of connections: at the pace of `open_delay`
     /// but at most once a second, or of `update_interval` when that is shorter; `None` when
     /// neither needs a sweep.
     fn sweep_period(&self) -> Option<Duration> {
