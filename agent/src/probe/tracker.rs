@@ -226,7 +226,7 @@ impl Tracker {
                 if listener.is_none() {
                     self.owners_wanted_until = raw.ts_ns.saturating_add(OWNERS_WANTED_FOR_NS);
                 }
-                let conn = Conn {
+                let mut conn = Conn {
                     start_ns: raw.start_ns,
                     direction: direction::PASSIVE,
                     owner: listener,
@@ -238,10 +238,10 @@ impl Tracker {
                     last_report_ns: raw.start_ns,
                     retransmits: 0,
                 };
-                self.insert(raw.sk, conn);
                 if self.open_delay_ns == 0 {
-                    self.announce(raw.sk, raw.ts_ns, out);
+                    out(conn.announce(raw.sk, raw.ts_ns));
                 }
+                self.insert(raw.sk, conn);
             }
             // An active open's handshake completed (open delay 0, or no reports here).
             kind::OPEN => {
@@ -250,7 +250,7 @@ impl Tracker {
                     conn.addresses = Addresses::of(&raw).or(conn.addresses);
                     conn.netns = netns(&raw).or(conn.netns);
                     if self.open_delay_ns == 0 {
-                        self.announce(raw.sk, raw.ts_ns, out);
+                        out(conn.announce(raw.sk, raw.ts_ns));
                     }
                 }
             }
@@ -327,7 +327,7 @@ impl Tracker {
         conn.netns = netns(raw).or(conn.netns);
         if !conn.announced {
             if raw.ts_ns.saturating_sub(conn.start_ns) >= open_delay {
-                self.announce(raw.sk, raw.ts_ns, out);
+                out(conn.announce(raw.sk, raw.ts_ns));
             }
             return;
         }
@@ -335,20 +335,17 @@ impl Tracker {
             return;
         }
         conn.last_report_ns = raw.ts_ns;
-        let mut update = self.event(raw.sk, kind::UPDATE, raw.ts_ns, Some(raw));
+        let mut update = conn.event(raw.sk, kind::UPDATE, raw.ts_ns, Some(raw));
         update.oldstate = TCP_ESTABLISHED;
         out(Record::event(update));
     }
 
     fn on_close(&mut self, raw: &RawEvent, out: &mut impl FnMut(Record)) {
-        if !self.conns.contains_key(&raw.sk) {
+        let Some(conn) = self.remove(raw.sk) else {
             self.untracked += 1;
             return;
-        }
-        let mut close = self.event(raw.sk, kind::CLOSE, raw.ts_ns, Some(raw));
-        let Some(conn) = self.remove(raw.sk) else {
-            return;
         };
+        let mut close = conn.event(raw.sk, kind::CLOSE, raw.ts_ns, Some(raw));
         close.oldstate = raw.oldstate;
         close.sk_err = raw.sk_err;
         close.flags |= raw.flags & flags::SK_ERR;
@@ -366,91 +363,27 @@ impl Tracker {
         });
     }
 
-    /// Reports the open of the connection at `sk` (known to be established).
-    fn announce(&mut self, sk: u64, now_ns: u64, out: &mut impl FnMut(Record)) {
-        let Some(conn) = self.conns.get_mut(&sk) else {
-            return;
-        };
-        conn.announced = true;
-        conn.last_report_ns = now_ns;
-        let mut open = self.event(sk, kind::OPEN, now_ns, None);
-        open.oldstate = TCP_ESTABLISHED;
-        out(Record::event(open));
-    }
-
     /// One sweep of the table at `now_ns` (kernel monotonic clock): announces the connections
     /// past the open delay whose addresses are known, and returns the sockets the kernel
     /// should report on (`conn_report`): connections past the delay that it must say more
     /// about, and open ones due an update.
     pub fn sweep(&mut self, now_ns: u64, out: &mut impl FnMut(Record)) -> Vec<u64> {
-        let mut ready = Vec::new();
         let mut ask = Vec::new();
-        for (&sk, conn) in &self.conns {
+        let (open_delay, interval) = (self.open_delay_ns, self.update_interval_ns);
+        for (&sk, conn) in &mut self.conns {
             if conn.announced {
-                if self.update_interval_ns > 0
-                    && now_ns.saturating_sub(conn.last_report_ns) >= self.update_interval_ns
-                {
+                if interval > 0 && now_ns.saturating_sub(conn.last_report_ns) >= interval {
                     ask.push(sk);
                 }
-            } else if self.open_delay_ns > 0
-                && now_ns.saturating_sub(conn.start_ns) >= self.open_delay_ns
-            {
+            } else if open_delay > 0 && now_ns.saturating_sub(conn.start_ns) >= open_delay {
                 if conn.established && conn.addresses.is_some_and(|a| a.lport != 0) {
-                    ready.push(sk);
+                    out(conn.announce(sk, now_ns));
                 } else {
                     ask.push(sk);
                 }
             }
         }
-        for sk in ready {
-            self.announce(sk, now_ns, out);
-        }
         ask
-    }
-
-    /// The event of `kind` for the connection at `sk`: its start, direction and owner from the
-    /// table; addresses, network namespace and counters from `record` where it has them.
-    fn event(&self, sk: u64, event_kind: u8, ts_ns: u64, record: Option<&RawEvent>) -> RawEvent {
-        let Some(conn) = self.conns.get(&sk) else {
-            return RawEvent::default();
-        };
-        let mut e = RawEvent {
-            sk,
-            start_ns: conn.start_ns,
-            ts_ns,
-            kind: event_kind,
-            direction: conn.direction,
-            ..RawEvent::default()
-        };
-        if let Some(owner) = conn.owner {
-            set_owner(&mut e, owner);
-        }
-        let addresses = record.and_then(Addresses::of).or(conn.addresses);
-        if let Some(a) = addresses {
-            e.family = a.family;
-            e.lport = a.lport;
-            e.rport = a.rport;
-            e.saddr = a.saddr;
-            e.daddr = a.daddr;
-            e.flags |= flags::ADDRESSES;
-        }
-        if let Some(ns) = record.and_then(netns).or(conn.netns) {
-            e.netns = ns;
-            e.flags |= flags::NETNS;
-        }
-        if let Some(r) = record {
-            e.bytes_acked = r.bytes_acked;
-            e.bytes_received = r.bytes_received;
-            e.srtt_us = r.srtt_us;
-            e.rttvar_us = r.rttvar_us;
-            e.retransmits = if r.flags & flags::TCP_COUNTERS != 0 {
-                r.retransmits
-            } else {
-                conn.retransmits
-            };
-            e.flags |= r.flags & flags::TCP_COUNTERS;
-        }
-        e
     }
 
     fn insert(&mut self, sk: u64, conn: Conn) {
@@ -486,6 +419,58 @@ impl Tracker {
             self.unowned = self.unowned.saturating_sub(1);
         }
         Some(conn)
+    }
+}
+
+impl Conn {
+    /// Marks its open reported at `now_ns` and returns that open (it is established).
+    fn announce(&mut self, sk: u64, now_ns: u64) -> Record {
+        self.announced = true;
+        self.last_report_ns = now_ns;
+        let mut open = self.event(sk, kind::OPEN, now_ns, None);
+        open.oldstate = TCP_ESTABLISHED;
+        Record::event(open)
+    }
+
+    /// Its event of `kind`, the socket at `sk`: start, direction and owner from the table;
+    /// addresses, network namespace and counters from `record` where it has them.
+    fn event(&self, sk: u64, event_kind: u8, ts_ns: u64, record: Option<&RawEvent>) -> RawEvent {
+        let mut e = RawEvent {
+            sk,
+            start_ns: self.start_ns,
+            ts_ns,
+            kind: event_kind,
+            direction: self.direction,
+            ..RawEvent::default()
+        };
+        if let Some(owner) = self.owner {
+            set_owner(&mut e, owner);
+        }
+        if let Some(a) = record.and_then(Addresses::of).or(self.addresses) {
+            e.family = a.family;
+            e.lport = a.lport;
+            e.rport = a.rport;
+            e.saddr = a.saddr;
+            e.daddr = a.daddr;
+            e.flags |= flags::ADDRESSES;
+        }
+        if let Some(ns) = record.and_then(netns).or(self.netns) {
+            e.netns = ns;
+            e.flags |= flags::NETNS;
+        }
+        if let Some(r) = record {
+            e.bytes_acked = r.bytes_acked;
+            e.bytes_received = r.bytes_received;
+            e.srtt_us = r.srtt_us;
+            e.rttvar_us = r.rttvar_us;
+            e.retransmits = if r.flags & flags::TCP_COUNTERS != 0 {
+                r.retransmits
+            } else {
+                self.retransmits
+            };
+            e.flags |= r.flags & flags::TCP_COUNTERS;
+        }
+        e
     }
 }
 
