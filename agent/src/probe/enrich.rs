@@ -131,11 +131,7 @@ impl Enricher {
     /// `/proc/self/mountinfo`: `/sys/fs/cgroup` on unified hosts, often
     /// `/sys/fs/cgroup/unified` on hybrid ones).
     pub fn new(cache_size: usize) -> Self {
-        let root = std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|m| cgroup2_mount(&m))
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
-        Self::with_roots(cache_size, "/proc".into(), root)
+        Self::with_roots(cache_size, "/proc".into(), cgroup2_root())
     }
 
     /// An enricher with other roots (tests).
@@ -203,6 +199,15 @@ impl Enricher {
         self.cgroups.insert(id, found.clone());
         found
     }
+}
+
+/// Where this host mounts the cgroup v2 hierarchy (from `/proc/self/mountinfo`;
+/// `/sys/fs/cgroup` when it cannot be told).
+pub fn cgroup2_root() -> PathBuf {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| cgroup2_mount(&m))
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"))
 }
 
 /// The mount point of the cgroup v2 hierarchy in a mountinfo text. The id the kernel reports

@@ -197,11 +197,7 @@ mod tests {
     fn this_process_listener_is_found_with_its_owner() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cgroup_root = std::fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|m| super::super::enrich::cgroup2_mount(&m))
-            .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
-        let found = scan(Path::new("/proc"), &cgroup_root);
+        let found = scan(Path::new("/proc"), &super::super::enrich::cgroup2_root());
         let me = std::process::id();
         let ours = found
             .iter()

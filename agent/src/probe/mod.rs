@@ -652,11 +652,7 @@ fn attach_tracepoint(
 /// The listening sockets open before the probe, from /proc: the tracker attributes their
 /// passive opens from the handshake on.
 fn scan_listeners() -> Vec<listeners::Listener> {
-    let cgroup_root = std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|m| enrich::cgroup2_mount(&m))
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
-    let found = listeners::scan(std::path::Path::new("/proc"), &cgroup_root);
+    let found = listeners::scan(std::path::Path::new("/proc"), &enrich::cgroup2_root());
     tracing::info!(
         listeners = found.len(),
         "owners of the listening sockets open before the probe found"
