@@ -315,7 +315,8 @@ const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 /// What is lost without the accept hook.
 const PASSIVE_UNTIL_CLOSE: &str = "pid/comm of the accepting process of a passive open: the listener's owner is reported, or for an unknown listener the closing process";
 
-/// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's update written.
+/// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's report written:
+/// its addresses and handshake state before its open is announced, its counters for updates.
 const REPORT_PROGRAM: &str = "conn_report";
 /// What is lost when the kernel cannot run it.
 const NO_UPDATES: &str = "update events of open connections";
@@ -492,7 +493,7 @@ impl ProbeConfig {
             }
         }
         // The accept hook is an improvement, not a requirement: without it a passive open is
-        // attributed when its owner closes it.
+        // attributed to the owner of its listener (or, that unknown, to the closing process).
         let degraded = !missing.is_empty();
         let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
         if let Err(e) = &accept_hook {
@@ -806,8 +807,9 @@ pub struct KernelCounters {
 }
 
 impl Probe {
-    /// The enriched events, in batches (one per drain of the ring buffer, at most 1024
-    /// records). Returns `None` after the first call.
+    /// The enriched events, in batches (for each batch of up to 1024 records read from the
+    /// ring buffer, its events: a record can bring two, a close and its open). Returns `None`
+    /// after the first call.
     pub fn take_events(&mut self) -> Option<BatchRx<ConnectionEvent>> {
         self.out_rx.take()
     }
@@ -1271,6 +1273,11 @@ mod tests {
         sender.push(record(5));
         sender.flush();
         assert_eq!(rx.try_recv().unwrap().len(), 1);
+        // A full batch (the channel's capacity, here 3) goes out without an explicit flush.
+        for sk in 6..9 {
+            sender.push(record(sk));
+        }
+        assert_eq!(rx.try_recv().unwrap().len(), 3);
         assert_eq!(drops.reader_full.load(Ordering::Relaxed), 2);
     }
 }

@@ -65,10 +65,11 @@ pub mod kind {
     /// The socket reached `TCP_CLOSE`: final addresses, counters, `sk_err`, the state it
     /// left (`oldstate`); no start time (the agent has it).
     pub const CLOSE: u8 = 3;
-    /// `connect()` (`-> SYN_SENT`, process context): the start time, the owner, the peer.
+    /// `connect()` (`-> SYN_SENT`, process context): the start time and the owner.
     pub const CONNECT: u8 = 4;
-    /// A passive open's handshake completed (`SYN_RECV -> ESTABLISHED`): the start time,
-    /// addresses, network namespace; no owner (the agent knows the listener's).
+    /// A passive open's handshake completed (`SYN_RECV -> ESTABLISHED`): the start time, local
+    /// port and network namespace (all the addresses when opens are reported at once); no
+    /// owner (the agent knows the listener's).
     pub const ACCEPT: u8 = 5;
     /// The owner of a socket, written from its owner's context (`close()`/`shutdown()`, or
     /// `accept()` where the kernel allows the fexit hook) when the agent asked for owners.
@@ -211,8 +212,9 @@ impl Offsets {
         _pad: 0,
     };
 
-    /// Sets [`Offsets::sock_head_len`] from the `skc_*` offsets (and `sk_net`, which the
-    /// programs then take from the head too when it lies within).
+    /// Sets [`Offsets::sock_head_len`] from the `skc_*` offsets. The programs take `sk_net`
+    /// from the head too when it lies within (it does on the kernels seen), else read it on
+    /// its own.
     pub fn set_sock_head(&mut self) {
         let fields = [
             (self.skc_family, 2),

@@ -13,10 +13,11 @@
 //! connection. Each kind has its own writer, inlined where it is used, so that a run executes
 //! (and fetches) little code: the probe runs about ten times per short connection, between
 //! which the network stack evicts it from the instruction cache.
-//! - `-> SYN_SENT` (`connect()`, process context): a **connect** record with the start time,
-//!   the owner (current process) and the peer.
-//! - `SYN_RECV -> ESTABLISHED` (softirq): an **accept** record with the start time, addresses
-//!   and network namespace; the agent takes the owner from the listener on its port.
+//! - `-> SYN_SENT` (`connect()`, process context): a **connect** record with the start time and
+//!   the owner (current process).
+//! - `SYN_RECV -> ESTABLISHED` (softirq): an **accept** record with the start time, local port
+//!   and network namespace (all the addresses when opens are reported at once); the agent
+//!   takes the owner from the listener on its port.
 //! - `SYN_SENT -> ESTABLISHED`: nothing, unless `open_delay_ns` is 0 (then an **open** record
 //!   with the final addresses, for the agent to report at once), or the socket's head cannot
 //!   be read (classic tracepoints: reports give no addresses), or the agent cannot run
@@ -781,13 +782,11 @@ fn write_socket<S: Source>(source: &S, sk: u64, record: u8, dir: u8, oldstate: i
     unsafe {
         begin(e, sk, record, now());
         (*e).head.direction = dir;
+        (*e).head.oldstate = oldstate as u8;
         let state = source.socket(e);
-        (*e).head.oldstate = if record == kind::REPORT {
-            state as u8
-        } else {
-            oldstate as u8
-        };
+        // A report gives the socket's current state, and its counters.
         if record == kind::REPORT {
+            (*e).head.oldstate = state as u8;
             counters(e, sk);
         }
     }
