@@ -338,6 +338,40 @@ mod tests {
     }
 
     #[test]
+    fn the_head_takes_in_the_error_and_protocol_only_when_they_fit() {
+        let mut o = Offsets {
+            skc_daddr: 0,
+            skc_rcv_saddr: 4,
+            skc_dport: 12,
+            skc_num: 14,
+            skc_family: 16,
+            skc_state: 18,
+            skc_v6_daddr: 56,
+            skc_v6_rcv_saddr: 72,
+            sk_err: 284,
+            sk_protocol: 532,
+            ..Offsets::UNKNOWN
+        };
+        o.set_sock_head();
+        assert_eq!(o.sock_head_len, 534);
+        o.sk_protocol = edgeward_common::SOCK_HEAD_MAX as u32;
+        o.set_sock_head();
+        assert_eq!(
+            o.sock_head_len, 88,
+            "a protocol past the limit is read on its own"
+        );
+        o.sk_protocol = NO_OFFSET;
+        o.set_sock_head();
+        assert_eq!(o.sock_head_len, 88);
+        o.skc_v6_daddr = 60;
+        o.set_sock_head();
+        assert_eq!(o.sock_head_len, 0, "unaligned IPv6 addresses: no head");
+        o.skc_v6_daddr = NO_OFFSET;
+        o.set_sock_head();
+        assert_eq!(o.sock_head_len, 0);
+    }
+
+    #[test]
     fn this_kernel_has_every_offset() {
         // The machines edgeward is developed and tested on ship BTF (TOOLCHAIN.md).
         let k = kernel_offsets(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
