@@ -158,6 +158,7 @@ fn known_traffic_with(host: &str, reported_ip: &str, config: ProbeConfig) {
         "reader_channel_full",
         "output_channel_full",
         "undecodable",
+        "nested_run_skipped",
     ] {
         assert_eq!(status.drop_reasons.get(reason), Some(&0), "{status:?}");
     }
@@ -721,6 +722,11 @@ fn a_full_output_channel_drops_and_counts_without_blocking_the_reader() {
         .start(&status)
         .unwrap_or_else(|e| panic!("loading the eBPF probe failed (needs root and BPF): {e}"))
     };
+    // The kernel's count of skipped runs (`nested_run_skipped`) is readable for every program
+    // the probe loaded: a failure here would leave that loss uncounted.
+    probe
+        .nested_runs_skipped()
+        .expect("reading recursion_misses of the probe's programs");
     // Held but never read: the consumer is stuck.
     let _events = probe.take_events().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -19,9 +19,11 @@ pub mod decode;
 pub mod enrich;
 pub mod event;
 pub mod listeners;
+mod prog_info;
 mod tracker;
 
 use std::{
+    os::fd::AsFd,
     path::PathBuf,
     sync::{
         Arc,
@@ -340,6 +342,11 @@ pub mod drop_reason {
     pub const OUTPUT_CHANNEL_FULL: &str = "output_channel_full";
     /// A ring buffer record did not decode.
     pub const UNDECODABLE: &str = "undecodable";
+    /// The kernel skipped a run of a probe program because one was already running on that
+    /// CPU (a state change in an interrupt that arrived while the probe ran): the record that
+    /// run would have written, if any, is lost. Counts skipped runs, an upper bound on lost
+    /// records.
+    pub const NESTED_RUN_SKIPPED: &str = "nested_run_skipped";
 }
 
 /// Losses counted in userspace.
@@ -378,6 +385,8 @@ pub struct Probe {
     metrics: Option<ProbeMetrics>,
     /// A failed `conn_report` run was logged (then only counted by its absence).
     warned_report: bool,
+    /// A failed read of the skipped-run count was logged.
+    warned_nested: bool,
 }
 
 #[derive(Clone, Default)]
@@ -569,6 +578,7 @@ impl ProbeConfig {
             missing,
             metrics: None,
             warned_report: false,
+            warned_nested: false,
         })
     }
 }
@@ -820,6 +830,21 @@ impl Probe {
         program_stats(&self.ebpf)
     }
 
+    /// Runs of the probe's programs that the kernel skipped because one was already running
+    /// on the same CPU ([`drop_reason::NESTED_RUN_SKIPPED`]), summed over its programs.
+    /// Errors when the kernel's count cannot be read for one of them.
+    pub fn nested_runs_skipped(&self) -> std::io::Result<u64> {
+        let mut total = 0;
+        for (_, program) in self.ebpf.programs() {
+            // Programs that were not loaded (the accept hook on a kernel without tracing
+            // programs) have no fd and never run.
+            if let Ok(fd) = program.fd() {
+                total += prog_info::recursion_misses(fd.as_fd())?;
+            }
+        }
+        Ok(total)
+    }
+
     /// Event fields this kernel cannot give (empty when everything is available).
     pub fn missing_fields(&self) -> &[&'static str] {
         &self.missing
@@ -992,13 +1017,24 @@ impl Probe {
         }
     }
 
-    fn publish(&self, last: &mut Published) {
+    fn publish(&mut self, last: &mut Published) {
         let k = self.kernel_counters();
         let read = self.drops.read.load(Ordering::Relaxed);
+        let nested = match self.nested_runs_skipped() {
+            Ok(n) => n,
+            Err(e) => {
+                if !self.warned_nested {
+                    self.warned_nested = true;
+                    tracing::warn!(error = %e, "cannot read the kernel's count of skipped probe runs; nested_run_skipped stays at its last value");
+                }
+                last.nested_run_skipped
+            }
+        };
         let now = Published {
             state_changes: k.state_changes,
             events: read,
             ring_buffer_full: k.ring_buffer_full,
+            nested_run_skipped: nested,
             untracked: self.drops.untracked.load(Ordering::Relaxed),
             reader_full: self.drops.reader_full.load(Ordering::Relaxed),
             output_full: self.drops.output_full.load(Ordering::Relaxed),
@@ -1032,6 +1068,7 @@ struct Published {
     state_changes: u64,
     events: u64,
     ring_buffer_full: u64,
+    nested_run_skipped: u64,
     untracked: u64,
     reader_full: u64,
     output_full: u64,
@@ -1039,7 +1076,7 @@ struct Published {
 }
 
 impl Published {
-    fn drop_pairs(&self, old: &Published) -> [(&'static str, u64, u64); 5] {
+    fn drop_pairs(&self, old: &Published) -> [(&'static str, u64, u64); 6] {
         [
             (
                 drop_reason::RING_BUFFER_FULL,
@@ -1058,6 +1095,11 @@ impl Published {
                 old.output_full,
             ),
             (drop_reason::UNDECODABLE, self.undecodable, old.undecodable),
+            (
+                drop_reason::NESTED_RUN_SKIPPED,
+                self.nested_run_skipped,
+                old.nested_run_skipped,
+            ),
         ]
     }
 }

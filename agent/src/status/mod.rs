@@ -113,10 +113,10 @@ pub struct ProbeStatus {
     /// Kernel events seen.
     pub events: u64,
     /// Events lost (ring buffer full, connections forgotten or older than the probe, channel
-    /// full).
+    /// full, probe runs the kernel skipped).
     pub drops: u64,
-    /// `drops` by reason (`ring_buffer_full`, `untracked`,
-    /// `reader_channel_full`, `output_channel_full`, `undecodable`).
+    /// `drops` by reason (`ring_buffer_full`, `untracked`, `reader_channel_full`,
+    /// `output_channel_full`, `undecodable`, `nested_run_skipped`).
     #[serde(default)]
     pub drop_reasons: std::collections::BTreeMap<String, u64>,
     /// Event fields this kernel cannot give (no BTF, no accept hook); empty when complete.
