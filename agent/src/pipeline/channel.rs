@@ -17,6 +17,8 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
+use tokio::sync::mpsc;
+
 /// Emptied batches kept for reuse, at most.
 const SPARE: usize = 4;
 
@@ -28,8 +30,6 @@ struct Shared<T> {
     /// Emptied batches, their capacity kept.
     spare: Mutex<Vec<Vec<T>>>,
 }
-
-use tokio::sync::mpsc;
 
 /// A channel holding at most `capacity` items (at least one) in batches.
 pub fn bounded<T>(capacity: usize) -> (BatchTx<T>, BatchRx<T>) {

@@ -76,10 +76,10 @@ impl Fields<'_> {
         r.lport = self.u16();
     }
 
-    /// The fields of a [`SocketRecord`] after its header.
+    /// The fields of a [`SocketRecord`] after its header: those of a [`PortRecord`], then the
+    /// peer port where a port record has padding, and on.
     fn socket(&mut self, r: &mut RawEvent) {
-        r.netns = self.u32();
-        r.lport = self.u16();
+        self.port(r);
         r.rport = self.u16();
         r.saddr = self.take();
         r.daddr = self.take();

@@ -1140,24 +1140,39 @@ impl BatchSender {
 
     /// Sends the batch, or drops and counts it when the channel has no room for it.
     fn flush(&mut self) {
-        let n = self.batch.len();
-        if n == 0 {
+        if self.batch.is_empty() {
             return;
         }
         let batch = std::mem::replace(&mut self.batch, self.tx.buffer());
-        match self.tx.try_send(batch) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                self.drops
-                    .reader_full
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                if !self.warned_full {
-                    self.warned_full = true;
-                    tracing::warn!("probe enrichment channel full; dropping events (counted)");
-                }
+        send_or_drop(
+            &self.tx,
+            batch,
+            &self.drops.reader_full,
+            &mut self.warned_full,
+            "probe enrichment channel full; dropping events (counted)",
+        );
+    }
+}
+
+/// Sends a batch without waiting. A full channel drops it, counted in `dropped` and said once
+/// in the log (`warned`); a closed one (the receiver is gone: shutting down) drops it without
+/// counting losses that nobody would have seen, so the sender keeps draining and never blocks.
+fn send_or_drop<T>(
+    tx: &BatchTx<T>,
+    batch: Vec<T>,
+    dropped: &AtomicU64,
+    warned: &mut bool,
+    warning: &'static str,
+) {
+    let n = batch.len() as u64;
+    match tx.try_send(batch) {
+        Ok(()) | Err(SendError::Closed(_)) => {}
+        Err(SendError::Full(_)) => {
+            dropped.fetch_add(n, Ordering::Relaxed);
+            if !*warned {
+                *warned = true;
+                tracing::warn!("{warning}");
             }
-            // The enrichment thread is gone (shutting down): nobody would see them.
-            Err(SendError::Closed(_)) => {}
         }
     }
 }
@@ -1227,20 +1242,13 @@ impl Enrichment {
     }
 
     fn send(&mut self, events: Vec<ConnectionEvent>) {
-        let n = events.len() as u64;
-        match self.out_tx.try_send(events) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => {
-                self.drops.output_full.fetch_add(n, Ordering::Relaxed);
-                if !self.warned_full {
-                    self.warned_full = true;
-                    tracing::warn!("probe output channel full; dropping events (counted)");
-                }
-            }
-            // Nobody consumes any more (shutting down): keep draining so the reader never
-            // blocks, without counting losses that nobody would have seen.
-            Err(SendError::Closed(_)) => {}
-        }
+        send_or_drop(
+            &self.out_tx,
+            events,
+            &self.drops.output_full,
+            &mut self.warned_full,
+            "probe output channel full; dropping events (counted)",
+        );
     }
 }
 

@@ -204,39 +204,25 @@ impl Tracker {
         match raw.kind {
             kind::CONNECT => {
                 let conn = Conn {
-                    start_ns: raw.start_ns,
-                    direction: direction::ACTIVE,
                     owner: Owner::of(&raw),
-                    owner_from_listener: false,
-                    addresses: Addresses::of(&raw),
-                    netns: netns(&raw),
-                    established: false,
-                    announced: false,
-                    last_report_ns: raw.start_ns,
-                    retransmits: 0,
+                    ..Conn::started(&raw, direction::ACTIVE)
                 };
                 self.insert(raw.sk, conn);
             }
             kind::ACCEPT => {
                 // All its addresses only when opens are reported at once; its local port always.
-                let addresses = Addresses::of(&raw);
-                let netns = netns(&raw);
-                let listener =
-                    netns.and_then(|ns| self.listeners.get(&(ns, raw.lport)).map(|l| l.1));
+                let started = Conn::started(&raw, direction::PASSIVE);
+                let listener = started
+                    .netns
+                    .and_then(|ns| self.listeners.get(&(ns, raw.lport)).map(|l| l.1));
                 if listener.is_none() {
                     self.owners_wanted_until = raw.ts_ns.saturating_add(OWNERS_WANTED_FOR_NS);
                 }
                 let mut conn = Conn {
-                    start_ns: raw.start_ns,
-                    direction: direction::PASSIVE,
                     owner: listener,
                     owner_from_listener: listener.is_some(),
-                    addresses,
-                    netns,
                     established: true,
-                    announced: false,
-                    last_report_ns: raw.start_ns,
-                    retransmits: 0,
+                    ..started
                 };
                 if self.open_delay_ns == 0 {
                     out(conn.announce(raw.sk, raw.ts_ns));
@@ -423,6 +409,23 @@ impl Tracker {
 }
 
 impl Conn {
+    /// A connection end that `raw` (its connect or accept record) starts: its start, and the
+    /// addresses and network namespace the record has; no owner yet, nothing reported.
+    fn started(raw: &RawEvent, direction: u8) -> Self {
+        Self {
+            start_ns: raw.start_ns,
+            direction,
+            owner: None,
+            owner_from_listener: false,
+            addresses: Addresses::of(raw),
+            netns: netns(raw),
+            established: false,
+            announced: false,
+            last_report_ns: raw.start_ns,
+            retransmits: 0,
+        }
+    }
+
     /// Marks its open reported at `now_ns` and returns that open (it is established).
     fn announce(&mut self, sk: u64, now_ns: u64) -> Record {
         self.announced = true;

@@ -412,24 +412,34 @@ trait Source {
     fn read<T: Copy>(&self, offset: u32, out: &mut T) -> bool;
     /// Reads the socket's head now, for the fields that follow to come from it (raw form).
     fn load_head(&self);
+
+    /// Reads the socket's head (raw form) and says whether the socket is TCP: the protocol
+    /// then comes from the head too. For the records that go on to read the socket.
+    #[inline(always)]
+    fn head_is_tcp(&self) -> bool {
+        self.load_head();
+        self.is_tcp()
+    }
+
+    /// Writes the socket's network namespace (`sk_net`, then the namespace's inode number)
+    /// into a record's `netns` and sets [`flags::NETNS`] in `record_flags`, when it can be
+    /// read.
+    #[inline(always)]
+    fn write_netns(&self, netns: &mut u32, record_flags: &mut u16) {
+        let mut net = 0u64;
+        if self.read(offsets().sk_net, &mut net)
+            && let Some(ns) = net_inum(net)
+        {
+            *netns = ns;
+            *record_flags |= flags::NETNS;
+        }
+    }
 }
 
 /// The `inet_sock_set_state` record of a classic tracepoint (checked to be TCP already).
 struct Record<'a> {
     ctx: &'a TracePointContext,
     sk: u64,
-}
-
-impl Record<'_> {
-    /// The socket's network namespace: two reads (the record does not have it).
-    #[inline(always)]
-    fn netns(&self) -> Option<u32> {
-        let mut net = 0u64;
-        if !read_into(self.sk, offsets().sk_net, &mut net) {
-            return None;
-        }
-        net_inum(net)
-    }
 }
 
 impl Source for Record<'_> {
@@ -444,10 +454,7 @@ impl Source for Record<'_> {
             field_addr(ctx, set_state::SADDR_V6, &mut (*e).saddr);
             field_addr(ctx, set_state::DADDR_V6, &mut (*e).daddr);
             (*e).head.flags |= flags::ADDRESSES;
-            if let Some(ns) = self.netns() {
-                (*e).netns = ns;
-                (*e).head.flags |= flags::NETNS;
-            }
+            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
         }
         -1
     }
@@ -459,10 +466,7 @@ impl Source for Record<'_> {
         unsafe {
             (*e).lport = field(ctx, set_state::SPORT);
             (*e).head.family = field(ctx, set_state::FAMILY);
-            if let Some(ns) = self.netns() {
-                (*e).netns = ns;
-                (*e).head.flags |= flags::NETNS;
-            }
+            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
         }
     }
 
@@ -522,17 +526,6 @@ impl Sock {
         // are naturally aligned in the kernel struct and the head starts at the socket.
         unsafe { span_field(buf, 0, offset, SOCK_HEAD_MAX) }
     }
-
-    /// The network namespace of the socket (the pointer to `struct net` is in the head on
-    /// kernels that put it there, else read on its own).
-    #[inline(always)]
-    fn netns(&self) -> Option<u32> {
-        let mut net = 0u64;
-        if !self.read(offsets().sk_net, &mut net) {
-            return None;
-        }
-        net_inum(net)
-    }
 }
 
 impl Source for Sock {
@@ -548,10 +541,7 @@ impl Source for Sock {
         // are 8-aligned, as `copy16` needs. `e` is a reserved record (the caller).
         unsafe {
             let state = span_field::<u8>(buf, 0, off.skc_state, MAX).map_or(-1, i32::from);
-            if let Some(ns) = self.netns() {
-                (*e).netns = ns;
-                (*e).head.flags |= flags::NETNS;
-            }
+            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
             let Some(family) = span_field::<u16>(buf, 0, off.skc_family, MAX) else {
                 return state;
             };
@@ -591,10 +581,7 @@ impl Source for Sock {
         const MAX: usize = SOCK_HEAD_MAX;
         // SAFETY: as in `socket`.
         unsafe {
-            if let Some(ns) = self.netns() {
-                (*e).netns = ns;
-                (*e).head.flags |= flags::NETNS;
-            }
+            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
             if let (Some(family), Some(port)) = (
                 span_field::<u16>(buf, 0, off.skc_family, MAX),
                 span_field::<u16>(buf, 0, off.skc_num, MAX),
@@ -725,8 +712,7 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
             }
         }
         TCP_ESTABLISHED if oldstate == TCP_SYN_RECV => {
-            source.load_head();
-            if source.is_tcp() {
+            if source.head_is_tcp() {
                 write_accept(source, sk);
             }
         }
@@ -737,15 +723,13 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
             let off = offsets();
             let at_once = off.open_delay_ns == 0 || off.sock_head_len == 0;
             if at_once || is_wanted(wanted::ESTABLISHED) {
-                source.load_head();
-                if source.is_tcp() {
+                if source.head_is_tcp() {
                     write_socket(source, sk, kind::OPEN, direction::ACTIVE, oldstate);
                 }
             }
         }
         TCP_LISTEN => {
-            source.load_head();
-            if source.is_tcp() {
+            if source.head_is_tcp() {
                 write_listen(source, sk);
             }
         }
@@ -759,14 +743,12 @@ fn on_state_change<S: Source>(source: &S, sk: u64, oldstate: i32, newstate: i32)
             // A child socket that never finished its handshake: never reported.
             TCP_SYN_RECV => {}
             TCP_LISTEN => {
-                source.load_head();
-                if source.is_tcp() {
+                if source.head_is_tcp() {
                     write_port(source, sk, kind::UNLISTEN, 0);
                 }
             }
             _ => {
-                source.load_head();
-                if source.is_tcp() {
+                if source.head_is_tcp() {
                     write_close(source, sk, oldstate);
                 }
             }
