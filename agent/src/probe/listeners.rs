@@ -2,8 +2,8 @@
 //!
 //! The kernel programs write a record for every listener created while they run (`listen()`
 //! runs in the owner's context), and the agent attributes each passive open to the owner of
-//! the listener on its port, from the handshake on. A listener opened before the probe (every server on the
-//! node when the agent restarts) is found here once, at start, in /proc:
+//! the listener on its port, from the handshake on. A listener opened before the probe (every
+//! server on the node when the agent restarts) is found here once, at start, in /proc:
 //! `/proc/PID/ns/net` gives each process's network namespace, `/proc/PID/fd` its sockets (by
 //! inode), and `/proc/PID/net/tcp{,6}` of one process per namespace that namespace's listening
 //! sockets. The tracker takes them without replacing what the kernel's listen records say.
