@@ -56,8 +56,10 @@ TICK=$(getconf CLK_TCK)
 
 # Runs the generator for one leg; prints "connections=N seconds=S rate=R".
 churn() { ip netns exec "$NS" "$work/churn" "$SECS" "$THREADS"; }
-rate_of() { sed -n 's/.*rate=\([0-9]*\).*/\1/p' <<< "$1"; }
-made_of() { sed -n 's/.*connections=\([0-9]*\).*/\1/p' <<< "$1"; }
+# The number after "KEY=" (or after the JSON key "KEY": ) in a result line.
+value_of() { sed -n "s/.*\"\?$1\"\?[=:] \?\([0-9]*\).*/\1/p" <<< "$2"; }
+rate_of() { value_of rate "$1"; }
+made_of() { value_of connections "$1"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -115,16 +117,15 @@ for round in $(seq "$FULL_ROUNDS"); do
   start_harness "$HARNESS" floor --stats
   fout=$(churn)
   stop_harness
-  fns=$(tail -1 "$work/harness.out" | sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p')
+  fns=$(value_of bpf_ns "$(tail -1 "$work/harness.out")")
   start_harness "$HARNESS" full "$NS_INODE" --stats
   out=$(churn)
   stop_harness
   result=$(tail -1 "$work/harness.out")
   echo "round $round: $out | $result" >&2
   printf '%s %s %s %s %s %s %s\n' "$round" "$(made_of "$fout")" "$fns" "$(made_of "$out")" \
-    "$(sed -n 's/.*active_closes=\([0-9]*\).*/\1/p' <<< "$result")" \
-    "$(sed -n 's/.*"ring_buffer_full": \([0-9]*\).*/\1/p' <<< "$result")" \
-    "$(sed -n 's/.*bpf_ns=\([0-9]*\).*/\1/p' <<< "$result")" >> "$work/full"
+    "$(value_of active_closes "$result")" "$(value_of ring_buffer_full "$result")" \
+    "$(value_of bpf_ns "$result")" >> "$work/full"
 done
 
 echo
