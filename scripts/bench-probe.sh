@@ -10,8 +10,10 @@
 # reads). Each round runs none, floor, none, agent: every probe leg sits between
 # two no-probe legs and is divided by their mean, so the drift of a shared machine (its speed
 # wanders by 5-10 % over minutes) cancels to first order; ratios are summarised as the median
-# over rounds, with the quartiles. The agent's user+sys CPU and peak RSS are read over its
-# legs. The generator (tests/load/churn.c) runs in a network namespace of its own
+# over rounds, with the quartiles. agent/floor is also given directly, each agent leg against
+# the floor legs on either side (two legs away), which brings in fewer legs' noise than the
+# quotient of the two ratios. The agent's user+sys CPU and peak RSS are read over its legs.
+# The generator (tests/load/churn.c) runs in a network namespace of its own
 # (tcp_tw_reuse on, wide port range) so that TIME_WAIT does not cap the rate and so that the
 # harness can count exactly its connections (by netns) while others use the machine.
 #
@@ -142,6 +144,7 @@ file == 1 {
   fr[n] = $3 / (($2 + $4) / 2); ar[n] = $5 / (($4 + $8) / 2); af[n] = ar[n] / fr[n]
   nn += none; ff += $3; aa += $5; cpu += $6; if ($7 > rss) rss = $7
   cpn[n] = $6 / 100 * 1e9 / $5
+  fl[n] = $3; ag[n] = $5
 }
 file == 2 {
   m++; fbpf[m] = $3 / $2; pbpf[m] = $7 / $4; made += $4; act += $5; drops += $6
@@ -152,6 +155,8 @@ END {
   printf "floor/none:  median %.3f (quartiles %.3f-%.3f)\n", q(fr, n, 0.5), q(fr, n, 0.25), q(fr, n, 0.75)
   printf "agent/none:  median %.3f (quartiles %.3f-%.3f)   target >= 0.95\n", q(ar, n, 0.5), q(ar, n, 0.25), q(ar, n, 0.75)
   printf "agent/floor: median %.3f (quartiles %.3f-%.3f)   target >= 0.97\n", q(af, n, 0.5), q(af, n, 0.25), q(af, n, 0.75)
+  for (i = 1; i < n; i++) adj[i] = ag[i] / ((fl[i] + fl[i + 1]) / 2)
+  if (n > 1) printf "agent/floor, against the floor legs on either side: median %.3f (quartiles %.3f-%.3f)\n", q(adj, n - 1, 0.5), q(adj, n - 1, 0.25), q(adj, n - 1, 0.75)
   printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
   printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
   printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
