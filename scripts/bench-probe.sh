@@ -5,6 +5,7 @@
 # and kernel BPF time.
 #
 #   scripts/bench-probe.sh            # ROUNDS=16 SECONDS_PER_LEG=2 THREADS=2 FULL_ROUNDS=3
+#   AGENT_B=/tmp/edgeward.new scripts/bench-probe.sh   # and a second agent binary, for A/B
 #
 # Phase 1, throughput (the kernel's BPF statistics off: they cost every program run two clock
 # reads). Each round runs none, floor, none, agent: every probe leg sits between
@@ -13,6 +14,9 @@
 # over rounds, with the quartiles. agent/floor is also given directly, each agent leg against
 # the floor legs on either side (two legs away), which brings in fewer legs' noise than the
 # quotient of the two ratios. The agent's user+sys CPU and peak RSS are read over its legs.
+# With AGENT_B (another build of `edgeward`, to compare a change against this tree), each
+# round goes on with a leg of it and a no-probe leg, and B is given against no probe and
+# directly against the agent legs before and after it (interpolated to its place).
 # The generator (tests/load/churn.c) runs in a network namespace of its own
 # (tcp_tw_reuse on, wide port range) so that TIME_WAIT does not cap the rate and so that the
 # harness can count exactly its connections (by netns) while others use the machine.
@@ -29,9 +33,14 @@ ROUNDS=${ROUNDS:-16}
 SECS=${SECONDS_PER_LEG:-2}
 THREADS=${THREADS:-2}
 FULL_ROUNDS=${FULL_ROUNDS:-3}
+AGENT_B=${AGENT_B:-}
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bench-probe.sh: loads eBPF programs and creates a network namespace: run as root" >&2
+  exit 1
+fi
+if [ -n "$AGENT_B" ] && [ ! -x "$AGENT_B" ]; then
+  echo "bench-probe.sh: AGENT_B=$AGENT_B is not an executable file" >&2
   exit 1
 fi
 mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
@@ -81,10 +90,10 @@ leg_floor() {
   stop_harness
   rate_of "$out"
 }
-# Prints "rate cpu_percent rss_kb".
+# Runs the agent binary $1 (default: this tree's) for one leg; prints "rate cpu_percent rss_kb".
 leg_agent() {
-  local port; port=$(free_port)
-  "$AGENT" run --admin-addr "127.0.0.1:$port" --node-name bench --cache-dir "$work/cache" \
+  local bin=${1:-$AGENT} port; port=$(free_port)
+  "$bin" run --admin-addr "127.0.0.1:$port" --node-name bench --cache-dir "$work/cache" \
     2> "$work/agent.log" & bg_pid=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
   local t0 s0 out t1 s1 rss state
@@ -99,18 +108,28 @@ leg_agent() {
     'BEGIN { printf "%s %.2f %s\n", r, 100 * (b - a) / hz / (s1 - s0), rss }'
 }
 
-echo "phase 1: throughput, $ROUNDS rounds of none/floor/none/agent, ${SECS} s legs, $THREADS client threads" >&2
+echo "phase 1: throughput, $ROUNDS rounds of none/floor/none/agent${AGENT_B:+/none/agent B}, ${SECS} s legs, $THREADS client threads" >&2
 printf 'round none1 floor none2 agent agent_cpu%% agent_rss_kb\n' > "$work/rounds"
+printf 'round none3 agent_b none4 agent_b_cpu%%\n' > "$work/rounds_b"
 n_prev=$(leg_none)
 for round in $(seq "$ROUNDS"); do
   f=$(leg_floor)
   n_mid=$(leg_none)
-  read -r a cpu rss <<< "$(leg_agent)"
+  # An assignment, so that a failed leg (the probe not running) stops the script.
+  leg=$(leg_agent)
+  read -r a cpu rss <<< "$leg"
   n_next=$(leg_none)
   # floor between n_prev and n_mid, agent between n_mid and n_next
   printf '%s %s %s %s %s %s %s %s\n' "$round" "$n_prev" "$f" "$n_mid" "$a" "$cpu" "$rss" "$n_next" >> "$work/rounds"
   echo "round $round: none=$n_prev floor=$f none=$n_mid agent=$a (cpu ${cpu}%, rss ${rss} kB) none=$n_next" >&2
   n_prev=$n_next
+  if [ -n "$AGENT_B" ]; then
+    leg=$(leg_agent "$AGENT_B")
+    read -r b bcpu _ <<< "$leg"
+    n_prev=$(leg_none)
+    printf '%s %s %s %s %s\n' "$round" "$n_next" "$b" "$n_prev" "$bcpu" >> "$work/rounds_b"
+    echo "round $round: agent_b=$b (cpu ${bcpu}%) none=$n_prev" >&2
+  fi
 done
 
 echo "phase 2: completeness and kernel time, $FULL_ROUNDS rounds of floor and full harness" >&2
@@ -134,8 +153,9 @@ echo
 awk '{ print $1, $2, $3, $4, $5, $8, $6, $7 }' "$work/rounds" | sed '1s/.*/round none floor none agent none agent_cpu% agent_rss_kb/' | column -t
 echo
 column -t "$work/full"
+if [ -n "$AGENT_B" ]; then echo; column -t "$work/rounds_b"; fi
 echo
-awk -v secs="$SECS" -v threads="$THREADS" '
+awk -v secs="$SECS" -v threads="$THREADS" -v agent_b="$AGENT_B" '
 function sort(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } }
 function q(a, n, p,   b, i, k) { for (i = 1; i <= n; i++) b[i] = a[i]; sort(b, n); k = 1 + p * (n - 1); i = int(k); return (i >= n) ? b[n] : b[i] + (k - i) * (b[i + 1] - b[i]) }
 FNR == 1 { file++; next }
@@ -145,6 +165,9 @@ file == 1 {
   nn += none; ff += $3; aa += $5; cpu += $6; if ($7 > rss) rss = $7
   cpn[n] = $6 / 100 * 1e9 / $5
   fl[n] = $3; ag[n] = $5
+}
+file == 3 {
+  nb++; br[nb] = $3 / (($2 + $4) / 2); bb[nb] = $3; bcpu += $5
 }
 file == 2 {
   m++; fbpf[m] = $3 / $2; pbpf[m] = $7 / $4; made += $4; act += $5; drops += $6
@@ -160,4 +183,11 @@ END {
   printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
   printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
   printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
-}' "$work/rounds" "$work/full"
+  if (nb > 0) {
+    # B of round i runs two legs after agent leg i and four before agent leg i + 1.
+    for (i = 1; i < nb && i < n; i++) ba[i] = bb[i] / ((2 * ag[i] + ag[i + 1]) / 3)
+    printf "agent B: %s\n", agent_b
+    printf "agent B/none: median %.3f (quartiles %.3f-%.3f); its CPU %.2f%% of one core\n", q(br, nb, 0.5), q(br, nb, 0.25), q(br, nb, 0.75), bcpu / nb
+    if (nb > 1) printf "agent B/agent, against the agent legs on either side (interpolated): median %.3f (quartiles %.3f-%.3f)\n", q(ba, i - 1, 0.5), q(ba, i - 1, 0.25), q(ba, i - 1, 0.75)
+  }
+}' "$work/rounds" "$work/full" "$work/rounds_b"
