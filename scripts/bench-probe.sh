@@ -185,9 +185,9 @@ END {
   printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
   if (nb > 0) {
     # B of round i runs two legs after agent leg i and four before agent leg i + 1.
-    for (i = 1; i < nb && i < n; i++) ba[i] = bb[i] / ((2 * ag[i] + ag[i + 1]) / 3)
+    for (i = 1; i < nb && i < n; i++) ba[++nba] = bb[i] / ((2 * ag[i] + ag[i + 1]) / 3)
     printf "agent B: %s\n", agent_b
     printf "agent B/none: median %.3f (quartiles %.3f-%.3f); its CPU %.2f%% of one core\n", q(br, nb, 0.5), q(br, nb, 0.25), q(br, nb, 0.75), bcpu / nb
-    if (nb > 1) printf "agent B/agent, against the agent legs on either side (interpolated): median %.3f (quartiles %.3f-%.3f)\n", q(ba, i - 1, 0.5), q(ba, i - 1, 0.25), q(ba, i - 1, 0.75)
+    if (nba > 0) printf "agent B/agent, against the agent legs on either side (interpolated): median %.3f (quartiles %.3f-%.3f)\n", q(ba, nba, 0.5), q(ba, nba, 0.25), q(ba, nba, 0.75)
   }
 }' "$work/rounds" "$work/full" "$work/rounds_b"
