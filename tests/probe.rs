@@ -462,6 +462,136 @@ fn passive_opens_on_a_listener_older_than_the_probe_carry_its_owner() {
     drop(echo);
 }
 
+/// A sysctl set for as long as the guard lives, then put back.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        std::fs::write(path, value).unwrap_or_else(|e| panic!("{path} = {value}: {e}"));
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+/// An agent restart, both ways the probe can find connections in /proc: by socket address
+/// where `/proc/net/tcp` shows it (`kernel.kptr_restrict` 1 and `CAP_SYSLOG`, which root
+/// has), and by addresses where it does not (2). One test, as the setting is global; it is put
+/// back as soon as the probe has started.
+#[test]
+fn connections_open_before_the_probe_are_reported_once_per_end() {
+    connections_open_before_the_probe("1", true);
+    connections_open_before_the_probe("2", false);
+}
+
+fn connections_open_before_the_probe(kptr_restrict: &str, by_address: bool) {
+    // Both ends open, and 84 bytes each way, before the probe starts (an agent restart).
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    let (epid, ppid) = (echo.pid(), pinger.pid());
+    let before = unix_now();
+    let probe = {
+        let _setting = Sysctl::set("/proc/sys/kernel/kptr_restrict", kptr_restrict);
+        RunningProbe::start(ProbeConfig {
+            update_interval: Duration::from_millis(200),
+            ..ProbeConfig::default()
+        })
+    };
+    let after = unix_now();
+    // Announced at once; with the socket's address known, updated like any connection.
+    let events = probe.wait_events(port, WAIT, "opens (and updates) of both ends", |e| {
+        [epid, ppid].iter().all(|&pid| {
+            !of_kind(e, EventKind::Open, pid).is_empty()
+                && (!by_address || !of_kind(e, EventKind::Update, pid).is_empty())
+        })
+    });
+    if by_address {
+        // The kernel's counters, from the connection's real start: 20 pings each way.
+        for pid in [epid, ppid] {
+            let update = of_kind(&events, EventKind::Update, pid)[0];
+            assert_eq!(
+                (update.bytes_sent, update.bytes_received),
+                (80, 80),
+                "{update:#?}"
+            );
+            assert!(update.srtt_us > 0, "{update:#?}");
+        }
+    } else {
+        // Three update intervals: none come without the socket's address.
+        std::thread::sleep(Duration::from_millis(600));
+        for pid in [epid, ppid] {
+            assert!(
+                of_kind(&events, EventKind::Update, pid).is_empty(),
+                "{events:#?}"
+            );
+        }
+    }
+    for e in probe.events_on_port(port) {
+        assert!(e.started_before_probe, "{e:#?}");
+        assert_ne!(e.kind, EventKind::Close, "{e:#?}");
+    }
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    pinger.send_line("bye");
+    pinger.finish();
+    probe.wait_events(port, WAIT, "the closes of both ends", |e| {
+        closes_by(e, epid) == 1 && closes_by(e, ppid) == 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let events = probe.events_on_port(port);
+    for (pid, comm, direction, local_port) in [
+        (ppid, "ew-pinger", Direction::Active, None),
+        (epid, "ew-echo", Direction::Passive, Some(port)),
+    ] {
+        let opens = of_kind(&events, EventKind::Open, pid);
+        let closes = of_kind(&events, EventKind::Close, pid);
+        assert_eq!(
+            (opens.len(), closes.len()),
+            (1, 1),
+            "pid {pid}: {events:#?}"
+        );
+        let (open, close) = (opens[0], closes[0]);
+        assert_eq!(open.conn_id, close.conn_id);
+        for e in [open, close] {
+            assert!(e.started_before_probe, "{e:#?}");
+            assert_eq!(e.direction, direction, "{e:#?}");
+            assert_eq!((&*e.comm, e.pid), (comm, pid), "{e:#?}");
+            assert!(e.cgroup_id != 0, "{e:#?}");
+            assert_eq!(e.netns, host_netns(), "{e:#?}");
+            assert_eq!(e.local.ip().to_string(), "127.0.0.1", "{e:#?}");
+            if let Some(p) = local_port {
+                assert_eq!(e.local.port(), p, "{e:#?}");
+            } else {
+                assert_eq!(e.peer.port(), port, "{e:#?}");
+            }
+            // Its start is when the probe found it.
+            assert!(
+                (before..=after).contains(&e.start_unix_nanos),
+                "start {} outside the probe's start {before}..{after}: {e:#?}",
+                e.start_unix_nanos
+            );
+        }
+        // 21 pings and their echoes, counted from the connection's real start.
+        assert_eq!(
+            (close.bytes_sent, close.bytes_received),
+            (84, 84),
+            "{close:#?}"
+        );
+        assert_eq!(close.close_reason, CloseReason::Normal, "{close:#?}");
+    }
+    drop(echo);
+}
+
 #[test]
 fn an_idle_connection_is_announced_before_it_closes_and_only_once() {
     // The default `open_delay` (1 s): the kernel writes no open record for a connection that

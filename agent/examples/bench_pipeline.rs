@@ -102,6 +102,7 @@ fn recorded_events(n: usize) -> Vec<ConnectionEvent> {
                 } else {
                     CloseReason::Normal
                 },
+                started_before_probe: false,
                 executable: Some(comms[i % comms.len()].clone()),
                 container_id: Some(Arc::from(
                     "4f1e3b0c9a8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f",

@@ -71,6 +71,7 @@ fn events(n: usize) -> Vec<ConnectionEvent> {
             rttvar_us: 50,
             retransmits: 0,
             close_reason: CloseReason::Normal,
+            started_before_probe: false,
             executable: Some(Arc::from("curl")),
             container_id: Some(Arc::from("4f1e3b0c9a8d7e6f5a4b3c2d1e0f9a8b")),
             pod_uid: None,

@@ -237,6 +237,7 @@ fn batch(first: u64) -> Vec<ConnectionEvent> {
                 } else {
                     CloseReason::Normal
                 },
+                started_before_probe: false,
                 executable: Some(Arc::from("/usr/bin/curl")),
                 container_id: None,
                 pod_uid: None,

@@ -153,6 +153,7 @@ pub fn event(kind: EventKind, direction: Direction, peer: &str) -> ConnectionEve
         } else {
             CloseReason::Open
         },
+        started_before_probe: false,
         executable: Some(Arc::from("curl")),
         container_id: Some(Arc::from("c0ffee")),
         pod_uid: None,

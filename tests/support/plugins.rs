@@ -155,6 +155,7 @@ pub fn event(id: u64, peer: &str) -> ConnectionEvent {
         rttvar_us: 50,
         retransmits: 0,
         close_reason: CloseReason::Normal,
+        started_before_probe: false,
         executable: Some(Arc::from("/usr/bin/curl")),
         container_id: None,
         pod_uid: None,

@@ -390,6 +390,7 @@ impl EventLine {
             rttvar_us: self.rttvar_us,
             retransmits: self.retransmits,
             close_reason,
+            started_before_probe: false,
             executable: self.executable.map(Arc::from),
             container_id: self.container_id.map(Arc::from),
             pod_uid: self.pod_uid.map(Arc::from),

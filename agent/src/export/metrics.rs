@@ -229,9 +229,12 @@ impl ConnectionMetrics {
                 let (h, f) = self.rtt.slot(&key, cap);
                 h.record(RTT_BOUNDS, f64::from(ev.srtt_us) / 1e6);
                 folded += u64::from(f);
-                let (h, f) = self.duration.slot(&key, cap);
-                h.record(DURATION_BOUNDS, ev.duration_nanos() as f64 / 1e9);
-                folded += u64::from(f);
+                // The duration of a connection open before the probe is not known.
+                if !ev.started_before_probe {
+                    let (h, f) = self.duration.slot(&key, cap);
+                    h.record(DURATION_BOUNDS, ev.duration_nanos() as f64 / 1e9);
+                    folded += u64::from(f);
+                }
             }
         }
         folded

@@ -115,7 +115,7 @@ fn network_type(addr: &SocketAddr) -> &'static str {
 }
 
 /// The standard attribute keys, in the order spans carry them.
-const STANDARD_KEYS: [&str; 16] = [
+const STANDARD_KEYS: [&str; 17] = [
     "network.transport",
     "network.type",
     "network.local.address",
@@ -132,6 +132,7 @@ const STANDARD_KEYS: [&str; 16] = [
     "edgeward.tcp.rttvar_us",
     "edgeward.tcp.retransmits",
     "edgeward.tcp.close_reason",
+    "edgeward.tcp.started_before_probe",
 ];
 
 /// The value of the standard attribute `STANDARD_KEYS[i]` for `ev` (`None`: unknown).
@@ -154,6 +155,10 @@ fn standard_value(ev: &ConnectionEvent, i: usize) -> Option<AnyValue> {
         13 => int_value(ev.rttvar_us.into()),
         14 => int_value(ev.retransmits.into()),
         15 => str_value(ev.close_reason.as_str()),
+        // Only when true: the span's start is when the agent found the connection.
+        16 if ev.started_before_probe => AnyValue {
+            value: Some(any_value::Value::BoolValue(true)),
+        },
         _ => return None,
     })
 }
@@ -313,6 +318,7 @@ pub(crate) mod tests_support {
             rttvar_us: 40,
             retransmits: 1,
             close_reason: CloseReason::Reset,
+            started_before_probe: false,
             executable: None,
             container_id: Some(arc("abc")),
             pod_uid: None,

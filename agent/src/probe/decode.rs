@@ -323,6 +323,7 @@ pub fn decode(
         rttvar_us: raw.rttvar_us,
         retransmits: raw.retransmits,
         close_reason: close,
+        started_before_probe: raw.flags & flags::BEFORE_PROBE != 0,
         executable: None,
         container_id: None,
         pod_uid: None,

@@ -124,6 +124,10 @@ pub struct ConnectionEvent {
     pub retransmits: u32,
     /// How it ended; `Open` until it has.
     pub close_reason: CloseReason,
+    /// The connection was open before the probe started (found in /proc at start): its
+    /// `start_unix_nanos` is when the agent found it, not when it opened. Its counters are the
+    /// connection's totals all the same.
+    pub started_before_probe: bool,
     /// Executable name of the process (enrichment; `None` when unknown).
     pub executable: Option<Arc<str>>,
     /// Container id from the cgroup path (enrichment).

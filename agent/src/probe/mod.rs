@@ -18,7 +18,7 @@ pub mod btf;
 pub mod decode;
 pub mod enrich;
 pub mod event;
-pub mod listeners;
+pub mod existing;
 mod prog_info;
 mod tracker;
 
@@ -373,8 +373,10 @@ pub struct Probe {
     reports: bool,
     /// The kernel's records carry network namespaces (BTF has `sk_net` and `net.ns.inum`).
     netns_known: bool,
-    /// Owners of the listening sockets found in /proc at start, for the tracker.
-    listeners: Vec<listeners::Listener>,
+    /// The listeners and connections found in /proc at start, for the tracker; and when
+    /// (kernel monotonic clock).
+    existing: existing::Existing,
+    found_ns: u64,
     counters: PerCpuArray<MapData, u64>,
     config: ProbeConfig,
     out_tx: Option<BatchTx<ConnectionEvent>>,
@@ -483,7 +485,8 @@ impl ProbeConfig {
             notes.push(e);
             missing.push(loses);
         }
-        let listeners = scan_listeners();
+        let found_ns = decode::monotonic_ns();
+        let existing = scan_existing(self.max_connections as usize);
         // The sweep has the kernel report on connections: a kernel that cannot run that
         // program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no
         // updates.
@@ -568,7 +571,8 @@ impl ProbeConfig {
             owners_wanted: false,
             reports,
             netns_known: offsets.sk_net != NO_OFFSET && offsets.net_inum != NO_OFFSET,
-            listeners,
+            existing,
+            found_ns,
             counters,
             config: self.clone(),
             out_tx: Some(out_tx),
@@ -660,14 +664,37 @@ fn attach_tracepoint(
     Ok(())
 }
 
-/// The listening sockets open before the probe, from /proc: the tracker attributes their
-/// passive opens from the handshake on.
-fn scan_listeners() -> Vec<listeners::Listener> {
-    let found = listeners::scan(std::path::Path::new("/proc"), &enrich::cgroup2_root());
-    tracing::info!(
-        listeners = found.len(),
-        "owners of the listening sockets open before the probe found"
+/// The listeners and connections open before the probe, from /proc (at most `limit`
+/// connection ends): the tracker attributes passive opens on those listeners from the
+/// handshake on, and adopts those connections.
+fn scan_existing(limit: usize) -> existing::Existing {
+    let found = existing::scan(
+        std::path::Path::new("/proc"),
+        &enrich::cgroup2_root(),
+        limit,
     );
+    let with_address = found.connections.iter().filter(|c| c.sk.is_some()).count();
+    tracing::info!(
+        listeners = found.listeners.len(),
+        connections = found.connections.len(),
+        with_socket_address = with_address,
+        over_limit = found.over_limit,
+        "sockets open before the probe found"
+    );
+    if with_address < found.connections.len() {
+        tracing::info!(
+            "/proc/net/tcp hides socket addresses (kernel.kptr_restrict, or no CAP_SYSLOG): \
+             connections open before the probe get their open and their close, but no updates \
+             (docs/probe.md)"
+        );
+    }
+    if found.over_limit > 0 {
+        tracing::warn!(
+            left_out = found.over_limit,
+            max_connections = limit,
+            "more connections open at start than probe.max_connections; the rest are not reported"
+        );
+    }
     found
 }
 
@@ -906,12 +933,32 @@ impl Probe {
             nanos(self.config.open_delay),
             nanos(self.config.update_interval),
         );
-        for l in std::mem::take(&mut self.listeners) {
+        let existing = std::mem::take(&mut self.existing);
+        for l in existing.listeners {
             tracker.seed_listener(l.netns, l.port, l.owner);
         }
         if !self.netns_known {
             tracker.want_owners_always();
         }
+        // Everything written since the programs were attached first: connections that closed
+        // or started since the scan are then known, and not adopted. Those that started have
+        // no addresses yet when they are active opens: their reports give them, to tell them
+        // from the connections found without a socket address.
+        self.drain(fd.get_mut(), &mut raw_tx, &mut tracker);
+        if existing.connections.iter().any(|c| c.sk.is_none()) {
+            self.report_on(tracker.without_addresses());
+            self.drain(fd.get_mut(), &mut raw_tx, &mut tracker);
+        }
+        let adopted = tracker.adopt(&existing.connections, self.found_ns, &mut |record| {
+            raw_tx.push(record)
+        });
+        raw_tx.flush();
+        tracing::info!(
+            by_socket = adopted.by_socket,
+            by_endpoints = adopted.by_endpoints,
+            skipped = adopted.skipped,
+            "connections open before the probe adopted"
+        );
         let sweep_every = self.config.sweep_period();
         let mut last_sweep = tokio::time::Instant::now();
         loop {
@@ -986,6 +1033,11 @@ impl Probe {
     fn sweep(&mut self, tracker: &mut tracker::Tracker, raw_tx: &mut BatchSender) {
         let ask = tracker.sweep(decode::monotonic_ns(), &mut |record| raw_tx.push(record));
         raw_tx.flush();
+        self.report_on(ask);
+    }
+
+    /// Has the kernel write a report record on each socket in `sockets` (when it can).
+    fn report_on(&mut self, sockets: Vec<u64>) {
         let program = self
             .ebpf
             .program(REPORT_PROGRAM)
@@ -994,7 +1046,7 @@ impl Probe {
         let Some(program) = program else {
             return;
         };
-        for sk in ask {
+        for sk in sockets {
             if let Err(e) = run_report(program, sk)
                 && !self.warned_report
             {

@@ -17,8 +17,14 @@
 //! - A passive open's owner is the process listening on its port ([`Owner`] by network
 //!   namespace and port, from listen records and from /proc at start), or the one that
 //!   closes it when that is unknown.
+//! - Connections open before the probe started, found in /proc ([`existing`]), are adopted
+//!   once the records written since the programs were attached have been taken
+//!   ([`Tracker::adopt`]), and announced at once: by socket address where /proc shows it
+//!   (then updates and the close follow as for any connection), else by network namespace and
+//!   addresses, to which their close record is matched (no updates). Their events carry
+//!   [`flags::BEFORE_PROBE`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use edgeward_common::{RawEvent, direction, flags, kind};
 use rustc_hash::FxBuildHasher;
@@ -26,6 +32,7 @@ use rustc_hash::FxBuildHasher;
 use super::{
     decode::{TCP_ESTABLISHED, TCP_SYN_SENT},
     event::{CloseReason, ConnectionEvent, EventKind},
+    existing,
 };
 
 const TCP_CLOSE: u8 = 7;
@@ -95,6 +102,17 @@ impl Addresses {
         })
     }
 
+    /// The addresses of a connection found in /proc.
+    fn found(c: &existing::Connection) -> Self {
+        Self {
+            family: c.family,
+            lport: c.local.1,
+            rport: c.peer.1,
+            saddr: c.local.0,
+            daddr: c.peer.0,
+        }
+    }
+
     /// The same peer (a report of a socket that another connection has taken since has
     /// another peer, or the same peer from another local port).
     fn same_connection(&self, other: &Self) -> bool {
@@ -123,6 +141,36 @@ struct Conn {
     last_report_ns: u64,
     /// Retransmit records counted (kernels without `tcp_sock.total_retrans`).
     retransmits: u32,
+    /// Open before the probe started: its start is when the agent found it.
+    before_probe: bool,
+}
+
+/// A connection end by network namespace and addresses (ports, then local and peer address,
+/// IPv4 v4-mapped): how a close record is matched to a connection found in /proc without its
+/// socket address.
+type Endpoints = (u32, u16, u16, [u8; 16], [u8; 16]);
+
+impl Addresses {
+    fn endpoints(&self, netns: u32) -> Endpoints {
+        (netns, self.lport, self.rport, self.saddr, self.daddr)
+    }
+}
+
+/// The endpoints a record names, if it has its addresses and network namespace.
+fn endpoints(raw: &RawEvent) -> Option<Endpoints> {
+    Some(Addresses::of(raw)?.endpoints(netns(raw)?))
+}
+
+/// What [`Tracker::adopt`] did with the connections found at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Adopted by socket address: open now, updates, close.
+    pub by_socket: usize,
+    /// Adopted without a socket address: open now; the close is matched by addresses.
+    pub by_endpoints: usize,
+    /// Left out: closed since the scan, or started after the programs were attached (their
+    /// own records have them), or more than the table holds.
+    pub skipped: usize,
 }
 
 /// How long owner records stay wanted after the last passive open whose listener was unknown.
@@ -146,8 +194,14 @@ pub struct Tracker {
     /// Owner records are always wanted: the kernel gives no network namespaces, so listeners
     /// cannot be told apart across namespaces and are not used.
     owners_always: bool,
+    /// Connections found open at start without a socket address, until their close, with
+    /// the id their events carry in place of one (see [`Tracker::adopt`]).
+    by_endpoints: HashMap<Endpoints, (u64, Conn), FxBuildHasher>,
+    /// Untracked closes until [`Tracker::adopt`] (at most `capacity`): connections found at
+    /// start that closed before they were adopted.
+    startup_closes: Option<Vec<(u64, Option<Endpoints>)>>,
     /// Closes of connections the table did not hold: evicted while open, started before the
-    /// probe, or whose start record was lost.
+    /// probe and not adopted, or whose start record was lost.
     pub untracked: u64,
 }
 
@@ -164,8 +218,103 @@ impl Tracker {
             unowned: 0,
             owners_wanted_until: 0,
             owners_always: false,
+            by_endpoints: HashMap::default(),
+            startup_closes: Some(Vec::new()),
             untracked: 0,
         }
+    }
+
+    /// Sockets in the table whose addresses are not known yet (active opens whose records so
+    /// far had none): reports on them before [`Tracker::adopt`] let it tell them from
+    /// connections found without a socket address.
+    pub fn without_addresses(&self) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.addresses.is_none_or(|a| a.lport == 0))
+            .map(|(&sk, _)| sk)
+            .collect()
+    }
+
+    /// Adopts the connections found open at start (`existing::scan`, at `found_ns` on the
+    /// kernel's monotonic clock), and announces those established. Called once, after the
+    /// records written since the programs were attached have been taken, so that a connection
+    /// that closed meanwhile (its close was untracked) or started meanwhile (it is in the
+    /// table) is not adopted.
+    ///
+    /// One without a socket address is held by its network namespace and addresses, which
+    /// its close record is matched to, under an id in place of the socket address: its socket
+    /// inode with bit 62 set (or its place in `found` with bit 61, for a socket without one),
+    /// which no kernel address has. It gets no updates (the kernel reports on sockets by
+    /// address), and one still connecting is left out.
+    pub fn adopt(
+        &mut self,
+        found: &[existing::Connection],
+        found_ns: u64,
+        out: &mut impl FnMut(Record),
+    ) -> Adoption {
+        let closed = self.startup_closes.take().unwrap_or_default();
+        let closed_sockets: HashSet<u64> = closed.iter().map(|(sk, _)| *sk).collect();
+        let mut known: HashSet<Endpoints> = closed.iter().filter_map(|(_, e)| *e).collect();
+        known.extend(
+            self.conns
+                .values()
+                .filter_map(|c| Some(c.addresses?.endpoints(c.netns?))),
+        );
+        let mut done = Adoption::default();
+        for (i, c) in found.iter().enumerate() {
+            let addresses = Addresses::found(c);
+            let mut conn = Conn {
+                start_ns: found_ns,
+                direction: if c.passive {
+                    direction::PASSIVE
+                } else {
+                    direction::ACTIVE
+                },
+                owner: c.owner,
+                owner_from_listener: false,
+                addresses: Some(addresses),
+                netns: Some(c.netns),
+                established: !c.connecting,
+                announced: false,
+                last_report_ns: found_ns,
+                retransmits: 0,
+                before_probe: true,
+            };
+            if let Some(sk) = c.sk {
+                if self.conns.contains_key(&sk)
+                    || closed_sockets.contains(&sk)
+                    || self.conns.len() >= self.capacity
+                {
+                    done.skipped += 1;
+                    continue;
+                }
+                if conn.established {
+                    out(conn.announce(sk, found_ns));
+                }
+                self.insert(sk, conn);
+                done.by_socket += 1;
+                continue;
+            }
+            let key = addresses.endpoints(c.netns);
+            // Close records without network namespaces (`owners_always`) cannot match.
+            if self.owners_always
+                || c.connecting
+                || known.contains(&key)
+                || self.by_endpoints.len() >= self.capacity
+            {
+                done.skipped += 1;
+                continue;
+            }
+            let id = if c.inode != 0 {
+                1 << 62 | c.inode
+            } else {
+                1 << 61 | i as u64
+            };
+            out(conn.announce(id, found_ns));
+            self.by_endpoints.insert(key, (id, conn));
+            done.by_endpoints += 1;
+        }
+        done
     }
 
     /// Records the owner of a listening port found outside the ring buffer (in /proc at
@@ -327,11 +476,27 @@ impl Tracker {
     }
 
     fn on_close(&mut self, raw: &RawEvent, out: &mut impl FnMut(Record)) {
-        let Some(conn) = self.remove(raw.sk) else {
-            self.untracked += 1;
-            return;
+        // A connection found at start without its socket address, under its id. (Should the
+        // socket be in the table too, that is the connection: the entry goes.)
+        let found = if self.by_endpoints.is_empty() {
+            None
+        } else {
+            endpoints(raw).and_then(|key| self.by_endpoints.remove(&key))
         };
-        let mut close = conn.event(raw.sk, kind::CLOSE, raw.ts_ns, Some(raw));
+        let (sk, conn) = match (self.remove(raw.sk), found) {
+            (Some(conn), _) => (raw.sk, conn),
+            (None, Some(found)) => found,
+            (None, None) => {
+                self.untracked += 1;
+                if let Some(closes) = &mut self.startup_closes
+                    && closes.len() < self.capacity
+                {
+                    closes.push((raw.sk, endpoints(raw)));
+                }
+                return;
+            }
+        };
+        let mut close = conn.event(sk, kind::CLOSE, raw.ts_ns, Some(raw));
         close.oldstate = raw.oldstate;
         close.sk_err = raw.sk_err;
         close.flags |= raw.flags & flags::SK_ERR;
@@ -423,6 +588,7 @@ impl Conn {
             announced: false,
             last_report_ns: raw.start_ns,
             retransmits: 0,
+            before_probe: false,
         }
     }
 
@@ -448,6 +614,9 @@ impl Conn {
         };
         if let Some(owner) = self.owner {
             set_owner(&mut e, owner);
+        }
+        if self.before_probe {
+            e.flags |= flags::BEFORE_PROBE;
         }
         if let Some(a) = record.and_then(Addresses::of).or(self.addresses) {
             e.family = a.family;
@@ -851,5 +1020,192 @@ mod tests {
             "{}",
             t.order.len()
         );
+    }
+
+    /// A connection end found in /proc: 10.0.0.1:`lport` -> 10.0.0.2:80 in namespace `NS`,
+    /// owned by `o`.
+    fn found(sk: Option<u64>, lport: u16, o: Option<Owner>) -> existing::Connection {
+        existing::Connection {
+            sk,
+            inode: 900 + u64::from(lport - 40_000),
+            netns: NS,
+            family: 2,
+            local: (v4(1), lport),
+            peer: (v4(2), 80),
+            passive: false,
+            connecting: false,
+            owner: o,
+        }
+    }
+
+    fn adopt(t: &mut Tracker, found: &[existing::Connection], now: u64) -> (Adoption, Vec<Record>) {
+        let mut out = Vec::new();
+        let done = t.adopt(found, now, &mut |rec| out.push(rec));
+        (done, out)
+    }
+
+    #[test]
+    fn a_connection_found_with_its_socket_address_is_announced_updated_and_closed() {
+        let mut t = Tracker::new(16, SEC, 30 * SEC);
+        let db = owner(30, "psql");
+        let (done, out) = adopt(&mut t, &[found(Some(1), 40_000, Some(db))], 5 * SEC);
+        assert_eq!(
+            done,
+            Adoption {
+                by_socket: 1,
+                ..Adoption::default()
+            }
+        );
+        assert_eq!(out.len(), 1, "announced at once: {out:?}");
+        let open = out[0].raw;
+        assert_eq!((open.kind, open.direction), (kind::OPEN, direction::ACTIVE));
+        assert_eq!((open.start_ns, open.ts_ns), (5 * SEC, 5 * SEC));
+        assert_eq!((open.tgid, open.lport, open.rport), (30, 40_000, 80));
+        assert!(open.flags & flags::BEFORE_PROBE != 0);
+        assert_eq!(open.netns, NS);
+        // Updates on the usual pace, then the close.
+        let (_, ask) = sweep(&mut t, 36 * SEC);
+        assert_eq!(ask, [1]);
+        let out = run(
+            &mut t,
+            &[report(1, 36 * SEC, 1, 40_000), close(1, 40 * SEC, 9)],
+        );
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0].raw.kind, kind::UPDATE);
+        let c = out[1];
+        assert!(!c.open_first);
+        assert_eq!((c.raw.kind, c.raw.start_ns), (kind::CLOSE, 5 * SEC));
+        assert!(c.raw.flags & out[0].raw.flags & flags::BEFORE_PROBE != 0);
+        assert_eq!(c.raw.tgid, 30);
+        assert_eq!(t.untracked, 0);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_connection_that_closed_or_started_since_the_scan_is_not_adopted() {
+        let mut t = Tracker::new(16, SEC, 30 * SEC);
+        let curl = owner(10, "curl");
+        // Socket 1 was found, then closed before adoption; socket 2 was found, but its
+        // connect record (it started after the programs were attached) is in the table.
+        let out = run(&mut t, &[close(1, 100, 9), connect(2, 200, curl)]);
+        assert!(out.is_empty());
+        assert_eq!(t.untracked, 1);
+        let (done, out) = adopt(
+            &mut t,
+            &[
+                found(Some(1), 40_000, None),
+                found(Some(2), 40_001, None),
+                found(Some(3), 40_002, None),
+            ],
+            300,
+        );
+        assert_eq!((done.by_socket, done.skipped), (1, 2), "{done:?}");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].raw.sk, 3);
+        // Socket 2 closes as the connection its own records describe.
+        let out = run(&mut t, &[close(2, 400, 9)]);
+        assert_eq!(out[0].raw.flags & flags::BEFORE_PROBE, 0);
+        assert_eq!(out[0].raw.tgid, 10);
+        // Untracked closes after adoption are not remembered.
+        run(&mut t, &[close(9, 500, 9)]);
+        assert!(t.startup_closes.is_none());
+    }
+
+    #[test]
+    fn a_connection_found_without_its_socket_address_is_announced_and_matched_at_close() {
+        let mut t = Tracker::new(16, SEC, 30 * SEC);
+        let db = owner(30, "psql");
+        // Socket 8 started after the programs were attached, on 40001's addresses: the scan
+        // saw it too. Its report (asked for its addresses) tells it from a found connection.
+        let out = run(
+            &mut t,
+            &[
+                connect(8, 2 * SEC, owner(11, "curl")),
+                report(8, 2 * SEC + 1, 1, 40_001),
+            ],
+        );
+        assert!(out.is_empty());
+        assert!(t.without_addresses().is_empty());
+        let mut connecting = found(None, 40_003, None);
+        connecting.connecting = true;
+        let (done, out) = adopt(
+            &mut t,
+            &[
+                found(None, 40_000, Some(db)),
+                found(None, 40_001, None),
+                found(None, 40_002, None),
+                connecting,
+            ],
+            5 * SEC,
+        );
+        assert_eq!((done.by_endpoints, done.skipped), (2, 2), "{done:?}");
+        assert_eq!(out.len(), 2, "announced at once: {out:?}");
+        let open = out[0].raw;
+        assert_eq!(
+            open.sk,
+            1 << 62 | 900,
+            "the inode stands for the socket address"
+        );
+        assert_eq!(
+            (open.kind, open.start_ns, open.tgid),
+            (kind::OPEN, 5 * SEC, 30)
+        );
+        assert!(open.flags & flags::BEFORE_PROBE != 0);
+        assert!(
+            sweep(&mut t, 60 * SEC).1.is_empty(),
+            "no reports without an address"
+        );
+        // The close of 40000 (socket 7, never seen) matches by addresses.
+        let out = run(&mut t, &[close(7, 70 * SEC, 9)]);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let c = out[0];
+        assert!(!c.open_first);
+        assert_eq!(
+            (c.raw.sk, c.raw.start_ns, c.raw.tgid),
+            (open.sk, 5 * SEC, 30)
+        );
+        assert!(c.raw.flags & flags::BEFORE_PROBE != 0);
+        assert_eq!(c.raw.bytes_received, 64, "counters from the close record");
+        assert_eq!(t.untracked, 0);
+        // Socket 8 closes as itself.
+        let mut r = close(8, 71 * SEC, 9);
+        r.lport = 40_001;
+        let out = run(&mut t, &[r]);
+        assert_eq!((out[0].raw.sk, out[0].raw.start_ns), (8, 2 * SEC));
+        assert_eq!(out[0].raw.flags & flags::BEFORE_PROBE, 0);
+        assert_eq!(t.by_endpoints.len(), 1, "40002 is still open");
+        // Without namespaces in close records, nothing is adopted by addresses.
+        let mut t = Tracker::new(16, SEC, 30 * SEC);
+        t.want_owners_always();
+        let (done, _) = adopt(&mut t, &[found(None, 40_000, None)], 5 * SEC);
+        assert_eq!((done.by_endpoints, done.skipped), (0, 1));
+    }
+
+    #[test]
+    fn a_connection_found_while_connecting_is_announced_once_established() {
+        let mut t = Tracker::new(16, SEC, 30 * SEC);
+        let mut c = found(Some(4), 40_000, None);
+        c.connecting = true;
+        let (_, out) = adopt(&mut t, &[c], 5 * SEC);
+        assert!(out.is_empty());
+        let (out, ask) = sweep(&mut t, 6 * SEC);
+        assert!(out.is_empty());
+        assert_eq!(ask, [4]);
+        let out = run(&mut t, &[report(4, 6 * SEC, 1, 40_000)]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].raw.kind, kind::OPEN);
+        assert!(out[0].raw.flags & flags::BEFORE_PROBE != 0);
+    }
+
+    #[test]
+    fn adoption_stops_at_the_table_capacity() {
+        let mut t = Tracker::new(2, SEC, 30 * SEC);
+        let all: Vec<_> = (1..=3)
+            .map(|sk| found(Some(sk), 40_000 + sk as u16, None))
+            .collect();
+        let (done, out) = adopt(&mut t, &all, SEC);
+        assert_eq!((done.by_socket, done.skipped), (2, 1));
+        assert_eq!(out.len(), 2);
+        assert_eq!(t.len(), 2);
     }
 }

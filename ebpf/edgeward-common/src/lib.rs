@@ -106,6 +106,9 @@ pub mod flags {
     pub const PROCESS: u16 = 1 << 3;
     /// The addresses and ports are all set (a port record has its local port alone).
     pub const ADDRESSES: u16 = 1 << 4;
+    /// Set by the agent, never by the programs: the connection was open before the probe
+    /// started, so its start is when the agent found it.
+    pub const BEFORE_PROBE: u16 = 1 << 15;
 }
 
 /// Unknown offset in [`Offsets`].

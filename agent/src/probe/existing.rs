@@ -1,0 +1,426 @@
+//! Sockets that were open before the probe started: listeners, and connections.
+//!
+//! The kernel programs see a connection begin (its connect or accept record) and a listener
+//! open (its listen record) only while they run. Whatever was open before (every server and
+//! every long-lived connection on the node when the agent restarts) is found here once, at
+//! start, after the programs are attached: `/proc/PID/ns/net` gives each process's network
+//! namespace, `/proc/PID/fd` its sockets (by inode), and `/proc/PID/net/tcp{,6}` of one
+//! process per namespace that namespace's TCP sockets.
+//!
+//! - **Listeners** name the owner of passive opens on their port from the handshake on. The
+//!   tracker takes them without replacing what the kernel's listen records say.
+//! - **Connections** are adopted by the tracker and announced at once. Where the tables show
+//!   each socket's kernel address (`kernel.kptr_restrict` 1 and a reader with `CAP_SYSLOG`),
+//!   the tracker keys them as it keys the connections it saw start, so they get updates and
+//!   their close as those do. Where the addresses are hidden or hashed, a connection is held
+//!   by network namespace and addresses, to which its close record is matched; it gets no
+//!   updates.
+//!
+//! The tables do not say who opened a connection: one whose local port is a listening port of
+//! its namespace is taken for a passive open, any other for an active one.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use super::tracker::Owner;
+
+/// A listening TCP socket and the process that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Inode number of its network namespace.
+    pub netns: u32,
+    /// Local port.
+    pub port: u16,
+    /// Who holds it.
+    pub owner: Owner,
+}
+
+/// One end of a TCP connection open at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    /// Kernel address of the socket, when the tables show it.
+    pub sk: Option<u64>,
+    /// The socket's inode; 0 for a socket without a file.
+    pub inode: u64,
+    /// Inode number of its network namespace.
+    pub netns: u32,
+    /// `AF_INET` or `AF_INET6`: the table it is in.
+    pub family: u16,
+    /// Local address (IPv4 as v4-mapped IPv6, as the kernel's records have it) and port.
+    pub local: ([u8; 16], u16),
+    /// Peer address and port.
+    pub peer: ([u8; 16], u16),
+    /// Its local port is a listening port of its namespace.
+    pub passive: bool,
+    /// Still connecting (`SYN_SENT`): an active open whose handshake has not completed.
+    pub connecting: bool,
+    /// The process that holds the socket; `None` for a socket no process holds (closed by
+    /// its owner, still finishing its close in the kernel).
+    pub owner: Option<Owner>,
+}
+
+/// What [`scan`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    /// Listening sockets held by a process.
+    pub listeners: Vec<Listener>,
+    /// Connection ends, at most the `limit` given to [`scan`].
+    pub connections: Vec<Connection>,
+    /// Connections left out because there were more than the limit.
+    pub over_limit: usize,
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// TCP states in the tables (`include/net/tcp_states.h`).
+mod state {
+    pub const SYN_SENT: u8 = 0x02;
+    pub const SYN_RECV: u8 = 0x03;
+    pub const TIME_WAIT: u8 = 0x06;
+    pub const CLOSE: u8 = 0x07;
+    pub const LISTEN: u8 = 0x0A;
+    pub const NEW_SYN_RECV: u8 = 0x0C;
+}
+
+/// The TCP sockets (IPv4 and IPv6) visible under `proc_root`, with the process that holds
+/// each; `cgroup_root` is where the cgroup v2 hierarchy is mounted (for the owner's cgroup
+/// id). At most `limit` connection ends are returned. A socket held by several processes
+/// (inherited by forked workers) goes to the one with the lowest pid, usually the parent that
+/// opened it. Processes that vanish during the walk are skipped.
+pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
+    // Socket inode -> lowest pid holding it; network namespace -> one pid in it.
+    let mut holders: HashMap<u64, u32> = HashMap::new();
+    let mut namespaces: HashMap<u32, u32> = HashMap::new();
+    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for &pid in &pids {
+        let dir = proc_root.join(pid.to_string());
+        let Some(netns) =
+            link_number(&dir.join("ns/net"), "net").and_then(|n| u32::try_from(n).ok())
+        else {
+            continue;
+        };
+        namespaces.entry(netns).or_insert(pid);
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Some(inode) = link_number(&fd.path(), "socket") {
+                holders.entry(inode).or_insert(pid);
+            }
+        }
+    }
+    let mut owners: HashMap<u32, Option<Owner>> = HashMap::new();
+    let mut owner = |pid: u32| {
+        *owners
+            .entry(pid)
+            .or_insert_with(|| owner_of(proc_root, cgroup_root, pid))
+    };
+    let mut found = Existing::default();
+    let mut namespaces: Vec<(u32, u32)> = namespaces.into_iter().collect();
+    namespaces.sort_unstable();
+    for (netns, pid) in namespaces {
+        let mut rows = Vec::new();
+        for (table, family) in [("net/tcp", AF_INET), ("net/tcp6", AF_INET6)] {
+            let path = proc_root.join(pid.to_string()).join(table);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                rows.extend(parse_rows(&text).map(|row| (family, row)));
+            }
+        }
+        let listening: HashSet<u16> = rows
+            .iter()
+            .filter(|(_, row)| row.state == state::LISTEN)
+            .map(|(_, row)| row.local.1)
+            .collect();
+        for (family, row) in rows {
+            // Held by a process in this namespace (a socket can be passed elsewhere, but the
+            // table is the namespace's own).
+            let holder = holders.get(&row.inode).copied();
+            match row.state {
+                state::LISTEN => {
+                    if let Some(owner) = holder.and_then(&mut owner) {
+                        found.listeners.push(Listener {
+                            netns,
+                            port: row.local.1,
+                            owner,
+                        });
+                    }
+                }
+                // Not full sockets (request and time-wait sockets: the kernel has closed the
+                // connection, or not opened it yet), or closed already.
+                state::SYN_RECV | state::NEW_SYN_RECV | state::TIME_WAIT | state::CLOSE => {}
+                _ if found.connections.len() >= limit => found.over_limit += 1,
+                _ => found.connections.push(Connection {
+                    sk: row.sk,
+                    inode: row.inode,
+                    netns,
+                    family,
+                    local: row.local,
+                    peer: row.remote,
+                    passive: listening.contains(&row.local.1),
+                    connecting: row.state == state::SYN_SENT,
+                    owner: holder.and_then(&mut owner),
+                }),
+            }
+        }
+    }
+    found
+        .listeners
+        .sort_by_key(|l| (l.netns, l.port, l.owner.pid));
+    found.listeners.dedup_by_key(|l| (l.netns, l.port));
+    found
+}
+
+/// The owner record of process `pid`: its comm and cgroup v2 id (0 when the cgroup cannot be
+/// found).
+fn owner_of(proc_root: &Path, cgroup_root: &Path, pid: u32) -> Option<Owner> {
+    let dir = proc_root.join(pid.to_string());
+    let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+    let mut comm = [0u8; 16];
+    let name = name.trim_end_matches('\n').as_bytes();
+    let len = name.len().min(15);
+    comm[..len].copy_from_slice(&name[..len]);
+    let cgroup_id = std::fs::read_to_string(dir.join("cgroup"))
+        .ok()
+        .and_then(|text| cgroup_v2_path(&text).map(|p| cgroup_dir(cgroup_root, p)))
+        .and_then(|dir| std::fs::metadata(dir).ok())
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    Some(Owner {
+        cgroup_id,
+        pid,
+        tgid: pid,
+        comm,
+    })
+}
+
+/// `N` from a symbolic link to `kind:[N]` (`net:[4026531840]`, `socket:[81234]`).
+fn link_number(link: &Path, kind: &str) -> Option<u64> {
+    let target = std::fs::read_link(link).ok()?;
+    bracketed(target.to_str()?, kind)
+}
+
+/// `N` from `kind:[N]`.
+fn bracketed(text: &str, kind: &str) -> Option<u64> {
+    text.strip_prefix(kind)?
+        .strip_prefix(":[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// One socket of a `/proc/net/tcp` or `/proc/net/tcp6` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Row {
+    local: ([u8; 16], u16),
+    remote: ([u8; 16], u16),
+    state: u8,
+    /// 0 for a socket without a file (orphaned, request, time-wait).
+    inode: u64,
+    /// The socket's kernel address; `None` when the kernel hides it.
+    sk: Option<u64>,
+}
+
+/// The sockets of a table; lines that do not parse are skipped.
+fn parse_rows(table: &str) -> impl Iterator<Item = Row> + '_ {
+    table.lines().skip(1).filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode refcnt pointer ...
+        if fields.len() < 12 {
+            return None;
+        }
+        Some(Row {
+            local: endpoint(fields[1])?,
+            remote: endpoint(fields[2])?,
+            state: u8::from_str_radix(fields[3], 16).ok()?,
+            inode: fields[9].parse().ok()?,
+            sk: u64::from_str_radix(fields[11], 16)
+                .ok()
+                .filter(|&p| is_kernel_address(p)),
+        })
+    })
+}
+
+/// Whether the pointer column of a table shows a kernel address. The column is `%pK`: with
+/// `kernel.kptr_restrict` 1 it is the address to a reader with `CAP_SYSLOG`, and zeroes to
+/// others; with 2, zeroes; with 0, a hash of the address (Linux 4.15 on), which on 64-bit
+/// kernels has its upper 32 bits clear, where kernel addresses have them set.
+fn is_kernel_address(p: u64) -> bool {
+    p >> 32 != 0
+}
+
+/// `ADDR:PORT` of a table: the address as the kernel's 32-bit words in memory order, each
+/// printed as a hex number (8 digits for IPv4, 32 for IPv6), the port in hex. IPv4 comes
+/// back v4-mapped.
+fn endpoint(text: &str) -> Option<([u8; 16], u16)> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = [0u8; 16];
+    match addr.len() {
+        8 => {
+            bytes[10] = 0xff;
+            bytes[11] = 0xff;
+            bytes[12..].copy_from_slice(&word(addr)?.to_ne_bytes());
+        }
+        32 => {
+            for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(addr.get(8 * i..8 * i + 8)?)?.to_ne_bytes());
+            }
+        }
+        _ => return None,
+    }
+    Some((bytes, port))
+}
+
+fn word(hex: &str) -> Option<u32> {
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// The cgroup v2 path in a `/proc/PID/cgroup` text (its `0::` line).
+fn cgroup_v2_path(text: &str) -> Option<&str> {
+    text.lines().find_map(|line| line.strip_prefix("0::"))
+}
+
+/// The directory of cgroup `path` (absolute in the hierarchy) under the mount `root`.
+fn cgroup_dir(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut bytes = [0u8; 16];
+        bytes[10] = 0xff;
+        bytes[11] = 0xff;
+        bytes[12..].copy_from_slice(&a);
+        bytes
+    }
+
+    #[test]
+    fn sockets_are_read_from_the_tcp_tables() {
+        let v4_table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 48211 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0200007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 48300 1 ffff8f0a12345678 20 4 30 10 -1
+   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 100 0 0 10 0
+   3: garbage
+   4: 0100007F:1F90 0300007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 48301 1 00000000a1b2c3d4 20 4 30 10 -1
+";
+        let rows: Vec<Row> = parse_rows(v4_table).collect();
+        assert_eq!(rows.len(), 4, "{rows:#?}");
+        assert_eq!(
+            rows[0],
+            Row {
+                local: (v4([127, 0, 0, 1]), 8080),
+                remote: (v4([0, 0, 0, 0]), 0),
+                state: state::LISTEN,
+                inode: 48211,
+                sk: None,
+            }
+        );
+        assert_eq!(rows[1].remote, (v4([127, 0, 0, 2]), 50000));
+        assert_eq!(rows[1].state, 1);
+        assert_eq!(rows[1].sk, Some(0xffff_8f0a_1234_5678));
+        assert_eq!(rows[2].inode, 0);
+        assert_eq!(rows[3].sk, None, "a hashed pointer (kptr_restrict 0)");
+        let v6_table = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 51234 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000001000000:01BB 0000000000000000FFFF00000100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 51240 1 ffff8f0a00000040 100 0 0 10 0
+";
+        let rows: Vec<Row> = parse_rows(v6_table).collect();
+        assert_eq!(rows[0].local.1, 443);
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        assert_eq!(
+            rows[1].local,
+            (loopback, 443),
+            "::1 is the words 0, 0, 0, 0x01000000"
+        );
+        assert_eq!(rows[1].remote, (v4([127, 0, 0, 1]), 40000), "v4-mapped");
+        assert_eq!(parse_rows("").count(), 0);
+        assert_eq!(endpoint("0100007F"), None);
+        assert_eq!(
+            endpoint("0100007:1F90"),
+            None,
+            "an address of the wrong length"
+        );
+        assert_eq!(
+            endpoint(&format!("0000000\u{e9}{}:0050", "0".repeat(23))),
+            None,
+            "32 bytes, not 32 hex digits"
+        );
+    }
+
+    #[test]
+    fn link_targets_and_cgroup_lines_are_parsed() {
+        assert_eq!(bracketed("net:[4026531840]", "net"), Some(4_026_531_840));
+        assert_eq!(bracketed("socket:[81234]", "socket"), Some(81_234));
+        assert_eq!(bracketed("pipe:[81234]", "socket"), None);
+        assert_eq!(bracketed("/dev/null", "socket"), None);
+        let cgroup = "12:pids:/legacy\n0::/kubepods.slice/cri-containerd-ab.scope\n";
+        assert_eq!(
+            cgroup_v2_path(cgroup),
+            Some("/kubepods.slice/cri-containerd-ab.scope")
+        );
+        assert_eq!(
+            cgroup_dir(Path::new("/sys/fs/cgroup"), "/a/b"),
+            PathBuf::from("/sys/fs/cgroup/a/b")
+        );
+        assert_eq!(
+            cgroup_dir(Path::new("/sys/fs/cgroup"), "/"),
+            PathBuf::from("/sys/fs/cgroup/")
+        );
+    }
+
+    #[test]
+    fn this_process_sockets_are_found_with_their_owner_and_direction() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        let found = scan(
+            Path::new("/proc"),
+            &super::super::enrich::cgroup2_root(),
+            usize::MAX,
+        );
+        let me = std::process::id();
+        let netns = link_number(Path::new("/proc/self/ns/net"), "net").unwrap();
+        let ours = found
+            .listeners
+            .iter()
+            .find(|l| l.port == port && l.owner.tgid == me)
+            .unwrap_or_else(|| panic!("port {port} of pid {me} not in {found:#?}"));
+        assert_eq!(u64::from(ours.netns), netns);
+        assert_ne!(ours.owner.comm, [0; 16]);
+        let end = |local: u16, peer: u16| {
+            found
+                .connections
+                .iter()
+                .find(|c| c.local.1 == local && c.peer.1 == peer)
+                .unwrap_or_else(|| panic!("{local} -> {peer} not in {found:#?}"))
+        };
+        let (active, passive) = (end(client_port, port), end(port, client_port));
+        assert!(!active.passive && passive.passive);
+        for c in [active, passive] {
+            assert_eq!(c.owner.map(|o| o.tgid), Some(me), "{c:#?}");
+            assert_eq!(u64::from(c.netns), netns);
+            assert_eq!((c.family, c.local.0), (AF_INET, v4([127, 0, 0, 1])));
+            assert!(!c.connecting);
+        }
+        let limited = scan(Path::new("/proc"), &super::super::enrich::cgroup2_root(), 0);
+        assert!(limited.connections.is_empty());
+        assert!(limited.over_limit >= 2, "{limited:#?}");
+        drop((client, server, listener));
+    }
+}
