@@ -11,9 +11,18 @@ use edgeward_common::{
 
 use super::event::{CloseReason, ConnectionEvent, Direction, EventKind};
 
+// TCP states (`include/net/tcp_states.h`), as the records and /proc/net/tcp give them.
 pub(crate) const TCP_ESTABLISHED: u8 = 1;
 pub(crate) const TCP_SYN_SENT: u8 = 2;
+pub(crate) const TCP_SYN_RECV: u8 = 3;
+const TCP_FIN_WAIT2: u8 = 5;
+pub(crate) const TCP_TIME_WAIT: u8 = 6;
+pub(crate) const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+pub(crate) const TCP_LISTEN: u8 = 10;
+const TCP_CLOSING: u8 = 11;
+pub(crate) const TCP_NEW_SYN_RECV: u8 = 12;
 
 const EPIPE: i32 = 32;
 const ECONNRESET: i32 = 104;
@@ -217,10 +226,6 @@ pub fn close_reason(oldstate: u8, sk_err: i32) -> CloseReason {
         _ => CloseReason::Normal,
     }
 }
-
-const TCP_FIN_WAIT2: u8 = 5;
-const TCP_LAST_ACK: u8 = 9;
-const TCP_CLOSING: u8 = 11;
 
 /// Payload bytes from the kernel's sequence-space counters. `bytes_acked` counts the SYN of an
 /// active open and our FIN once acknowledged; `bytes_received` counts the peer's FIN. Which of

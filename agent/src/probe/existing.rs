@@ -21,11 +21,15 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::Ipv4Addr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
-use super::tracker::Owner;
+use super::{
+    decode::{TCP_CLOSE, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT},
+    tracker::Owner,
+};
 
 /// A listening TCP socket and the process that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,16 +79,6 @@ pub struct Existing {
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-
-/// TCP states in the tables (`include/net/tcp_states.h`).
-mod state {
-    pub const SYN_SENT: u8 = 0x02;
-    pub const SYN_RECV: u8 = 0x03;
-    pub const TIME_WAIT: u8 = 0x06;
-    pub const CLOSE: u8 = 0x07;
-    pub const LISTEN: u8 = 0x0A;
-    pub const NEW_SYN_RECV: u8 = 0x0C;
-}
 
 /// The TCP sockets (IPv4 and IPv6) visible under `proc_root`, with the process that holds
 /// each; `cgroup_root` is where the cgroup v2 hierarchy is mounted (for the owner's cgroup
@@ -138,7 +132,7 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
         }
         let listening: HashSet<u16> = rows
             .iter()
-            .filter(|(_, row)| row.state == state::LISTEN)
+            .filter(|(_, row)| row.state == TCP_LISTEN)
             .map(|(_, row)| row.local.1)
             .collect();
         for (family, row) in rows {
@@ -146,7 +140,7 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
             // table is the namespace's own).
             let holder = holders.get(&row.inode).copied();
             match row.state {
-                state::LISTEN => {
+                TCP_LISTEN => {
                     if let Some(owner) = holder.and_then(&mut owner) {
                         found.listeners.push(Listener {
                             netns,
@@ -157,7 +151,7 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
                 }
                 // Not full sockets (request and time-wait sockets: the kernel has closed the
                 // connection, or not opened it yet), or closed already.
-                state::SYN_RECV | state::NEW_SYN_RECV | state::TIME_WAIT | state::CLOSE => {}
+                TCP_SYN_RECV | TCP_NEW_SYN_RECV | TCP_TIME_WAIT | TCP_CLOSE => {}
                 _ if found.connections.len() >= limit => found.over_limit += 1,
                 _ => found.connections.push(Connection {
                     sk: row.sk,
@@ -167,7 +161,7 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
                     local: row.local,
                     peer: row.remote,
                     passive: listening.contains(&row.local.1),
-                    connecting: row.state == state::SYN_SENT,
+                    connecting: row.state == TCP_SYN_SENT,
                     owner: holder.and_then(&mut owner),
                 }),
             }
@@ -267,9 +261,9 @@ fn endpoint(text: &str) -> Option<([u8; 16], u16)> {
     let mut bytes = [0u8; 16];
     match addr.len() {
         8 => {
-            bytes[10] = 0xff;
-            bytes[11] = 0xff;
-            bytes[12..].copy_from_slice(&word(addr)?.to_ne_bytes());
+            bytes = Ipv4Addr::from(word(addr)?.to_ne_bytes())
+                .to_ipv6_mapped()
+                .octets()
         }
         32 => {
             for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
@@ -300,11 +294,7 @@ mod tests {
     use super::*;
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut bytes = [0u8; 16];
-        bytes[10] = 0xff;
-        bytes[11] = 0xff;
-        bytes[12..].copy_from_slice(&a);
-        bytes
+        Ipv4Addr::from(a).to_ipv6_mapped().octets()
     }
 
     #[test]
@@ -323,7 +313,7 @@ mod tests {
             Row {
                 local: (v4([127, 0, 0, 1]), 8080),
                 remote: (v4([0, 0, 0, 0]), 0),
-                state: state::LISTEN,
+                state: TCP_LISTEN,
                 inode: 48211,
                 sk: None,
             }

@@ -30,12 +30,10 @@ use edgeward_common::{RawEvent, direction, flags, kind};
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    decode::{TCP_ESTABLISHED, TCP_SYN_SENT},
+    decode::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT},
     event::{CloseReason, ConnectionEvent, EventKind},
     existing,
 };
-
-const TCP_CLOSE: u8 = 7;
 
 /// A kernel record (or a connection event made from records) on its way to enrichment.
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +111,11 @@ impl Addresses {
         }
     }
 
+    /// Its [`Endpoints`] in network namespace `netns`.
+    fn endpoints(&self, netns: u32) -> Endpoints {
+        (netns, self.lport, self.rport, self.saddr, self.daddr)
+    }
+
     /// The same peer (a report of a socket that another connection has taken since has
     /// another peer, or the same peer from another local port).
     fn same_connection(&self, other: &Self) -> bool {
@@ -149,12 +152,6 @@ struct Conn {
 /// IPv4 v4-mapped): how a close record is matched to a connection found in /proc without its
 /// socket address.
 type Endpoints = (u32, u16, u16, [u8; 16], [u8; 16]);
-
-impl Addresses {
-    fn endpoints(&self, netns: u32) -> Endpoints {
-        (netns, self.lport, self.rport, self.saddr, self.daddr)
-    }
-}
 
 /// The endpoints a record names, if it has its addresses and network namespace.
 fn endpoints(raw: &RawEvent) -> Option<Endpoints> {
