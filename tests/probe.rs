@@ -482,57 +482,84 @@ impl Drop for Sysctl {
     }
 }
 
-/// An agent restart, both ways the probe can find connections in /proc: by socket address
-/// where `/proc/net/tcp` shows it (`kernel.kptr_restrict` 1 and `CAP_SYSLOG`, which root
-/// has), and by addresses where it does not (2). One test, as the setting is global; it is put
-/// back as soon as the probe has started.
+/// An agent restart, every way the probe can find the sockets of connections in /proc:
+/// - their addresses where `/proc/net/tcp` shows them (`kernel.kptr_restrict` 1 with
+///   `CAP_SYSLOG`, which root has);
+/// - where it does not (2), by a lookup of their addresses in their network namespace: the
+///   agent's own, and another one that it enters;
+/// - without reports (no sweep), no lookup: held by their addresses, for an open and a close.
+///
+/// One test, as the setting is global; it is put back as soon as the probe has started.
 #[test]
 fn connections_open_before_the_probe_are_reported_once_per_end() {
-    connections_open_before_the_probe("1", true);
-    connections_open_before_the_probe("2", false);
+    let updates = ProbeConfig {
+        update_interval: Duration::from_millis(200),
+        ..ProbeConfig::default()
+    };
+    let v4 = ("127.0.0.1", "127.0.0.1");
+    connections_open_before_the_probe("1", None, v4, &updates);
+    // The server end a dual-stack socket: IPv6, with v4-mapped addresses.
+    connections_open_before_the_probe("2", None, ("::", "127.0.0.1"), &updates);
+    let ns = NetNs::new("adopt");
+    connections_open_before_the_probe("2", Some(&ns), ("::1", "::1"), &updates);
+    let no_sweep = ProbeConfig {
+        update_interval: Duration::ZERO,
+        open_delay: Duration::ZERO,
+        ..ProbeConfig::default()
+    };
+    connections_open_before_the_probe("2", None, v4, &no_sweep);
 }
 
-fn connections_open_before_the_probe(kptr_restrict: &str, by_address: bool) {
+/// The address the server listens on and the one the client connects to.
+fn connections_open_before_the_probe(
+    kptr_restrict: &str,
+    netns: Option<&NetNs>,
+    (listen, connect): (&str, &str),
+    config: &ProbeConfig,
+) {
+    let updates = !config.update_interval.is_zero();
+    let netns_inode = netns.map_or_else(host_netns, NetNs::inode);
     // Both ends open, and 84 bytes each way, before the probe starts (an agent restart).
-    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let mut echo = Traffic::spawn(netns, &["echo", listen]);
     let port = echo.port();
-    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    let mut pinger = Traffic::spawn(netns, &["pinger", connect, &port.to_string()]);
     assert_eq!(pinger.line(), "idle");
     let (epid, ppid) = (echo.pid(), pinger.pid());
     let before = unix_now();
     let probe = {
         let _setting = Sysctl::set("/proc/sys/kernel/kptr_restrict", kptr_restrict);
-        RunningProbe::start(ProbeConfig {
-            update_interval: Duration::from_millis(200),
-            ..ProbeConfig::default()
-        })
+        RunningProbe::start(config.clone())
     };
     let after = unix_now();
-    // Announced at once; with the socket's address known, updated like any connection.
+    let case = format!(
+        "kptr_restrict {kptr_restrict}, netns {netns_inode}, {listen} <- {connect}, updates {updates}"
+    );
+    // Announced at once; with the socket found, updated like any connection.
     let events = probe.wait_events(port, WAIT, "opens (and updates) of both ends", |e| {
         [epid, ppid].iter().all(|&pid| {
             !of_kind(e, EventKind::Open, pid).is_empty()
-                && (!by_address || !of_kind(e, EventKind::Update, pid).is_empty())
+                && (!updates || !of_kind(e, EventKind::Update, pid).is_empty())
         })
     });
-    if by_address {
+    if updates {
         // The kernel's counters, from the connection's real start: 20 pings each way.
         for pid in [epid, ppid] {
             let update = of_kind(&events, EventKind::Update, pid)[0];
             assert_eq!(
                 (update.bytes_sent, update.bytes_received),
                 (80, 80),
-                "{update:#?}"
+                "{case}: {update:#?}"
             );
-            assert!(update.srtt_us > 0, "{update:#?}");
+            assert!(update.srtt_us > 0, "{case}: {update:#?}");
         }
     } else {
-        // Three update intervals: none come without the socket's address.
+        // Without a sweep nothing asks the kernel for reports.
         std::thread::sleep(Duration::from_millis(600));
+        let events = probe.events_on_port(port);
         for pid in [epid, ppid] {
             assert!(
                 of_kind(&events, EventKind::Update, pid).is_empty(),
-                "{events:#?}"
+                "{case}: {events:#?}"
             );
         }
     }
@@ -558,7 +585,7 @@ fn connections_open_before_the_probe(kptr_restrict: &str, by_address: bool) {
         assert_eq!(
             (opens.len(), closes.len()),
             (1, 1),
-            "pid {pid}: {events:#?}"
+            "{case}: pid {pid}: {events:#?}"
         );
         let (open, close) = (opens[0], closes[0]);
         assert_eq!(open.conn_id, close.conn_id);
@@ -567,8 +594,8 @@ fn connections_open_before_the_probe(kptr_restrict: &str, by_address: bool) {
             assert_eq!(e.direction, direction, "{e:#?}");
             assert_eq!((&*e.comm, e.pid), (comm, pid), "{e:#?}");
             assert!(e.cgroup_id != 0, "{e:#?}");
-            assert_eq!(e.netns, host_netns(), "{e:#?}");
-            assert_eq!(e.local.ip().to_string(), "127.0.0.1", "{e:#?}");
+            assert_eq!(e.netns, netns_inode, "{case}: {e:#?}");
+            assert_eq!(e.local.ip().to_string(), connect, "{case}: {e:#?}");
             if let Some(p) = local_port {
                 assert_eq!(e.local.port(), p, "{e:#?}");
             } else {

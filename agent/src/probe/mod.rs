@@ -19,6 +19,7 @@ pub mod decode;
 pub mod enrich;
 pub mod event;
 pub mod existing;
+mod lookup;
 mod prog_info;
 mod tracker;
 
@@ -486,7 +487,7 @@ impl ProbeConfig {
             missing.push(loses);
         }
         let found_ns = decode::monotonic_ns();
-        let existing = scan_existing(self.max_connections as usize);
+        let mut existing = scan_existing(self.max_connections as usize);
         // The sweep has the kernel report on connections: a kernel that cannot run that
         // program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no
         // updates.
@@ -503,6 +504,9 @@ impl ProbeConfig {
                     }
                 }
             }
+        }
+        if reports && existing.connections.iter().any(|c| c.sk.is_none()) {
+            find_sockets(&mut ebpf, &mut existing.connections);
         }
         // The accept hook is an improvement, not a requirement: without it a passive open is
         // attributed to the owner of its listener (or, that unknown, to the closing process).
@@ -683,9 +687,8 @@ fn scan_existing(limit: usize) -> existing::Existing {
     );
     if with_address < found.connections.len() {
         tracing::info!(
-            "/proc/net/tcp hides socket addresses (kernel.kptr_restrict, or no CAP_SYSLOG): \
-             connections open before the probe get their open and their close, but no updates \
-             (docs/probe.md)"
+            "/proc/net/tcp hides socket addresses (kernel.kptr_restrict, or no CAP_SYSLOG); \
+             the probe looks the connections up by their addresses (docs/probe.md)"
         );
     }
     if found.over_limit > 0 {
@@ -716,6 +719,44 @@ fn load_report(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         report::GONE => Ok(()),
         other => Err(ProbeError::ReportCheck(other)),
     }
+}
+
+/// Looks up the sockets of the connections found in /proc without their kernel address, for
+/// them to be reported on like any other (see [`lookup`]).
+fn find_sockets(ebpf: &mut Ebpf, connections: &mut [existing::Connection]) {
+    let without = connections.iter().filter(|c| c.sk.is_none()).count();
+    if let Err(e) = lookup::load(ebpf) {
+        tracing::warn!(error = %error_chain(&e), connections = without, "socket lookup unavailable; connections open before the probe get no updates");
+        return;
+    }
+    let Some(prog) = ebpf
+        .program(lookup::PROGRAM)
+        .and_then(|p| <&aya::programs::SchedClassifier>::try_from(p).ok())
+    else {
+        return;
+    };
+    // A namespace file's inode number is the namespace's.
+    let own = std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
+    let found = lookup::find_sockets(prog, connections, own);
+    for (netns, why) in &found.unreachable {
+        tracing::debug!(netns, reason = %why, "cannot look up the sockets of a network namespace");
+    }
+    if let Some((netns, why)) = found.unreachable.first() {
+        tracing::warn!(
+            namespaces = found.unreachable.len(),
+            first = netns,
+            reason = %why,
+            "cannot look up sockets in some network namespaces; their connections open before the probe get no updates"
+        );
+    }
+    tracing::info!(
+        found = found.found,
+        not_found = found.not_found,
+        namespaces_unreachable = found.unreachable.len(),
+        "sockets of the connections open before the probe looked up by address"
+    );
 }
 
 /// Has the kernel write a report record for the socket at `sk`; returns a [`report`] code.

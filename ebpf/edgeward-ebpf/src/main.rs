@@ -34,6 +34,9 @@
 //! - `conn_report`, run by the agent on demand (`BPF_PROG_TEST_RUN`), never attached: a
 //!   **report** record with a live connection's state, addresses and counters, from which the
 //!   agent makes the open of a long-lived connection and its periodic updates.
+//! - `conn_lookup`, a classifier run by the agent on demand, never attached: no record; it
+//!   finds the socket of a connection open before the agent started, by its addresses, so that
+//!   the agent can have reports written on it.
 //!
 //! Each tracepoint program comes in two forms with the same logic: a raw tracepoint
 //! (`*_raw`, given the `TP_PROTO` arguments: the socket pointer and the states), which the
@@ -58,13 +61,14 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
-    macros::{fexit, map, raw_tracepoint, tracepoint},
+    macros::{classifier, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
-    programs::{FExitContext, RawTracePointContext, TracePointContext},
+    programs::{FExitContext, RawTracePointContext, TcContext, TracePointContext},
 };
 use edgeward_common::{
-    COUNTERS_SPAN_MAX, Header, ListenRecord, NO_OFFSET, Offsets, OwnerRecord, PortRecord,
-    SOCK_HEAD_MAX, SocketRecord, counter, direction, flags, kind, report, wanted,
+    COUNTERS_SPAN_MAX, Header, ListenRecord, LookupQuery, NO_OFFSET, Offsets, OwnerRecord,
+    PortRecord, SOCK_HEAD_MAX, SocketRecord, counter, direction, flags, kind, lookup, report,
+    wanted,
 };
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
@@ -96,6 +100,7 @@ static WANTED: Array<u32> = Array::with_max_entries(wanted::LEN, 0);
 static OFFSETS: Offsets = Offsets::UNKNOWN;
 
 const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 /// `bpf_ringbuf_submit` / `bpf_ringbuf_query` flags (uapi/linux/bpf.h).
@@ -133,6 +138,10 @@ mod raw_arg {
     pub const OLDSTATE: usize = 1;
     pub const NEWSTATE: usize = 2;
 }
+
+/// `BPF_F_CURRENT_NETNS` for the `netns` argument of socket lookups: the namespace of the
+/// packet's device, which in a test run is the running thread's.
+const CURRENT_NETNS: u64 = 0xffff_ffff;
 
 /// `tcp:tcp_retransmit_skb`: `skaddr`.
 const RETRANSMIT_SKADDR: usize = 16;
@@ -937,6 +946,53 @@ pub fn conn_report(ctx: *mut core::ffi::c_void) -> u32 {
         return report::GONE;
     }
     write_socket(&Sock::new(sk), sk, kind::REPORT, 0, 0)
+}
+
+/// Looks up a connection by its addresses in the network namespace of the thread that runs
+/// it, and writes the socket's kernel address into [`LookupQuery::sk`] of the test packet.
+/// Never attached: the agent runs it (`BPF_PROG_TEST_RUN`) for the connections it finds open
+/// at start without their socket's address. Returns a [`lookup`] code.
+#[classifier]
+pub fn conn_lookup(ctx: TcContext) -> i32 {
+    lookup_socket(&ctx) as i32
+}
+
+#[inline(always)]
+fn lookup_socket(ctx: &TcContext) -> u32 {
+    let Ok(mut query) = ctx.load::<LookupQuery>(lookup::AT) else {
+        return lookup::BAD_QUERY;
+    };
+    let size = match query.family {
+        AF_INET => 12,
+        AF_INET6 => 36,
+        _ => return lookup::BAD_QUERY,
+    };
+    // SAFETY: `tuple` is a 40-byte buffer on the stack, larger than either tuple; the helper
+    // takes a reference on the socket it returns, released below on every path.
+    let sk = unsafe {
+        generated::bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            query.tuple.as_mut_ptr() as *mut _,
+            size,
+            CURRENT_NETNS,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return lookup::NOT_FOUND;
+    }
+    // SAFETY: a socket returned by the lookup, held until released.
+    let (state, port) = unsafe { ((*sk).state, (*sk).src_port) };
+    // A listener comes back when no connection has those addresses.
+    let found = state != TCP_LISTEN as u32 && port == u32::from(query.local_port);
+    let written = found && ctx.store(lookup::AT, &(sk as u64), 0).is_ok();
+    // SAFETY: the reference the lookup took.
+    unsafe { generated::bpf_sk_release(sk as *mut _) };
+    if written {
+        lookup::FOUND
+    } else {
+        lookup::NOT_FOUND
+    }
 }
 
 /// fexit on `inet_csk_accept`: the process that accepted a passive open, as an owner record
