@@ -316,6 +316,7 @@ struct EventLine {
     executable: Option<String>,
     container_id: Option<String>,
     pod_uid: Option<String>,
+    started_before_probe: bool,
 }
 
 impl Default for EventLine {
@@ -342,6 +343,7 @@ impl Default for EventLine {
             executable: None,
             container_id: None,
             pod_uid: None,
+            started_before_probe: false,
         }
     }
 }
@@ -390,7 +392,7 @@ impl EventLine {
             rttvar_us: self.rttvar_us,
             retransmits: self.retransmits,
             close_reason,
-            started_before_probe: false,
+            started_before_probe: self.started_before_probe,
             executable: self.executable.map(Arc::from),
             container_id: self.container_id.map(Arc::from),
             pod_uid: self.pod_uid.map(Arc::from),

@@ -387,6 +387,7 @@ pub(crate) fn record(e: &ConnectionEvent) -> Record<'_> {
         executable: e.executable.as_deref(),
         container_id: e.container_id.as_deref(),
         pod_uid: e.pod_uid.as_deref(),
+        started_before_probe: e.started_before_probe,
     }
 }
 
@@ -397,4 +398,27 @@ fn one_line(s: &str) -> String {
         .take(4)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::spans::tests_support::event;
+
+    #[test]
+    fn the_flat_record_carries_every_field_a_plugin_reads() {
+        let mut e = event();
+        e.started_before_probe = true;
+        let mut encoder = abi::Encoder::new();
+        encoder.push(&record(&e));
+        e.started_before_probe = false;
+        encoder.push(&record(&e));
+        let bytes = encoder.finish().to_vec();
+        let batch = abi::BatchView::parse(&bytes).unwrap();
+        let (a, b) = (batch.get(0).unwrap(), batch.get(1).unwrap());
+        assert_eq!((a.conn_id(), a.tgid(), a.comm()), (7, 99, "curl"));
+        assert_eq!(a.close_reason(), abi::CloseReason::Reset);
+        assert_eq!((a.local(), a.peer()), (e.local, e.peer));
+        assert!(a.started_before_probe() && !b.started_before_probe());
+    }
 }

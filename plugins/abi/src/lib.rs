@@ -91,6 +91,9 @@ pub mod field {
 
 const FLAG_LOCAL_V4: u8 = 1;
 const FLAG_PEER_V4: u8 = 2;
+/// Added within layout 1: readers ignore flag bits they do not know, so a plugin built before
+/// it reads on, and one built after it reads `false` from a host that does not set it.
+const FLAG_STARTED_BEFORE_PROBE: u8 = 4;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -185,6 +188,9 @@ pub struct Record<'a> {
     pub container_id: Option<&'a str>,
     /// Pod UID.
     pub pod_uid: Option<&'a str>,
+    /// The connection was open before the agent's probe started (found at start):
+    /// `start_unix_nanos` is when the agent found it, not when it opened.
+    pub started_before_probe: bool,
 }
 
 impl Default for Record<'_> {
@@ -212,6 +218,7 @@ impl Default for Record<'_> {
             executable: None,
             container_id: None,
             pod_uid: None,
+            started_before_probe: false,
         }
     }
 }
@@ -271,8 +278,10 @@ impl Encoder {
         rec[field::KIND] = r.kind as u8;
         rec[field::DIRECTION] = r.direction as u8;
         rec[field::CLOSE_REASON] = r.close_reason as u8;
-        rec[field::FLAGS] =
-            if local_v4 { FLAG_LOCAL_V4 } else { 0 } | if peer_v4 { FLAG_PEER_V4 } else { 0 };
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        rec[field::FLAGS] = flag(local_v4, FLAG_LOCAL_V4)
+            | flag(peer_v4, FLAG_PEER_V4)
+            | flag(r.started_before_probe, FLAG_STARTED_BEFORE_PROBE);
         put_u32(rec, field::PID, r.pid);
         put_u32(rec, field::TGID, r.tgid);
         put_u32(rec, field::NETNS, r.netns);
@@ -567,6 +576,12 @@ impl<'a> EventView<'a> {
     pub fn pod_uid(&self) -> Option<&'a str> {
         self.string(field::POD_UID)
     }
+    /// Whether the connection was open before the agent's probe started (found at start):
+    /// its `start_unix_nanos` is then when the agent found it, and its duration is not the
+    /// connection's.
+    pub fn started_before_probe(&self) -> bool {
+        self.rec[field::FLAGS] & FLAG_STARTED_BEFORE_PROBE != 0
+    }
     /// The record's raw bytes.
     pub fn raw(&self) -> &'a [u8] {
         self.rec
@@ -638,6 +653,7 @@ mod tests {
             executable: Some("/usr/sbin/nginx"),
             container_id: None,
             pod_uid: Some("uid-1"),
+            started_before_probe: true,
         };
         let b = Record {
             conn_id: 8,
@@ -668,8 +684,15 @@ mod tests {
         assert_eq!(e.executable(), Some("/usr/sbin/nginx"));
         assert_eq!(e.container_id(), None);
         assert_eq!(e.pod_uid(), Some("uid-1"));
+        assert!(e.started_before_probe());
+        // Beside the address flags (the local address is IPv4, the peer IPv6).
+        assert_eq!(
+            e.raw()[field::FLAGS],
+            FLAG_LOCAL_V4 | FLAG_STARTED_BEFORE_PROBE
+        );
         let e = view.get(1).unwrap();
         assert_eq!(e.comm(), "curl");
+        assert!(!e.started_before_probe());
         assert!(e.peer_ip().is_ipv4());
         assert!(view.get(2).is_none());
         assert_eq!(view.iter().count(), 2);
