@@ -9,7 +9,6 @@ mod support;
 use std::{
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
-    process::{Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -17,7 +16,10 @@ use edgeward::probe::{
     ProbeConfig,
     event::{CloseReason, ConnectionEvent, Direction, EventKind},
 };
-use support::probe::{NetNs, RunningProbe, Traffic, VethPair};
+use support::{
+    Agent,
+    probe::{NetNs, RunningProbe, Traffic, VethPair},
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -770,44 +772,73 @@ fn agent_exports_probe_counters_in_status_and_metrics() {
 
 #[test]
 fn without_privileges_the_agent_runs_with_the_probe_degraded() {
-    let admin = format!("127.0.0.1:{}", support::free_port());
-    let dir = tempfile::tempdir().unwrap();
     // Root without any capability: BPF is refused, everything else works.
-    let mut child = Command::new("setpriv")
-        .args(["--bounding-set=-all", "--inh-caps=-all", "--"])
-        .arg(support::edgeward_bin())
-        .args([
-            "run",
-            &format!("--admin-addr={admin}"),
-            "--node-name=nocaps",
-        ])
-        .arg(format!("--cache-dir={}", dir.path().display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("setpriv (util-linux) must be installed: run scripts/setup.sh");
-    let deadline = Instant::now() + WAIT;
-    let status: serde_json::Value = loop {
-        if let Ok((200, body)) = support::http_get(&format!("http://{admin}/status")) {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if v["probe"]["state"] != "starting" {
-                break v;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent without capabilities never served /status"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let (_agent, status) = agent_under_setpriv(&["--bounding-set=-all", "--inh-caps=-all"]);
     assert_eq!(status["probe"]["state"], "degraded", "{status}");
     let reason = status["probe"]["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("Operation not permitted") || reason.contains("permission"),
         "{reason}"
     );
+}
+
+/// An agent run by `setpriv ARGS`, and its `/status` once its probe is no longer starting.
+fn agent_under_setpriv(args: &[&str]) -> (Agent, serde_json::Value) {
+    let prefix: Vec<&str> = ["setpriv"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .chain(["--"])
+        .collect();
+    let agent = Agent::spawn_under(&prefix, &[]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = agent.get("/status");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if status["probe"]["state"] != "starting" {
+            return (agent, status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the probe is still starting: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The capability set the DaemonSet and the systemd unit grant (docs/operators.md): the probe
+/// runs, traces, and says what the start-up scan of /proc could not see (processes with more
+/// capabilities than the agent, as this test's own are).
+#[test]
+fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_read() {
+    let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let port = echo.port();
+    let (agent, status) =
+        agent_under_setpriv(&["--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"]);
+    let events = || -> u64 {
+        let (_, metrics) = agent.get("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("edgeward_probe_events_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = events();
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    assert_eq!(pinger.line(), "idle");
+    pinger.send_line("bye");
+    pinger.finish();
+    let deadline = Instant::now() + WAIT;
+    while events() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no probe records with CAP_BPF + CAP_PERFMON"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(echo);
+    assert_eq!(status["probe"]["state"], "running", "{status}");
+    let missing = status["probe"]["missing_fields"].to_string();
+    assert!(missing.contains("CAP_SYS_PTRACE"), "{status}");
 }
 
 #[test]

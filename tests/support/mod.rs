@@ -498,15 +498,37 @@ impl Agent {
         agent
     }
 
+    /// Like [`Agent::spawn`], run by the command `prefix` (`setpriv …`, `--` last) with the
+    /// binary as its first argument.
+    pub fn spawn_under(prefix: &[&str], args: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut agent = Self::start_with(dir.path(), "test-node", prefix, args);
+        agent._dir = Some(dir);
+        agent.wait_healthy();
+        agent
+    }
+
     /// Starts the process without waiting for anything.
     pub fn start_in(root: &Path, node: &str, args: &[&str]) -> Agent {
+        Self::start_with(root, node, &[], args)
+    }
+
+    fn start_with(root: &Path, node: &str, prefix: &[&str], args: &[&str]) -> Agent {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(root.join("agent.log"))
             .expect("agent log");
-        let child = Command::new(edgeward_bin())
+        let mut command = match prefix.split_first() {
+            Some((program, prefix_args)) => {
+                let mut c = Command::new(program);
+                c.args(prefix_args).arg(edgeward_bin());
+                c
+            }
+            None => Command::new(edgeward_bin()),
+        };
+        let child = command
             .arg("run")
             .arg(format!("--admin-addr={admin}"))
             .arg(format!("--cache-dir={}", root.join("cache").display()))
@@ -516,7 +538,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("starting edgeward");
+            .unwrap_or_else(|e| panic!("starting edgeward under {prefix:?}: {e}"));
         Agent {
             child: Some(child),
             admin,

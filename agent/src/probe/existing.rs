@@ -12,9 +12,14 @@
 //! - **Connections** are adopted by the tracker and announced at once. Where the tables show
 //!   each socket's kernel address (`kernel.kptr_restrict` 1 and a reader with `CAP_SYSLOG`),
 //!   the tracker keys them as it keys the connections it saw start, so they get updates and
-//!   their close as those do. Where the addresses are hidden or hashed, a connection is held
-//!   by network namespace and addresses, to which its close record is matched; it gets no
-//!   updates.
+//!   their close as those do. Where the addresses are hidden or hashed, the probe looks the
+//!   sockets up by their addresses (`lookup.rs`); one it cannot find is held by network
+//!   namespace and addresses, to which its close record is matched, and gets no updates.
+//!
+//! Reading another process's `/proc/PID/ns/net` and `/proc/PID/fd` takes what `ptrace` read
+//! access takes: the same uid and no capability the agent lacks, or `CAP_SYS_PTRACE`. The
+//! processes the agent may not read are counted ([`Existing::unreadable`]): their sockets stay
+//! unknown, and the agent says so.
 //!
 //! The tables do not say who opened a connection: one whose local port is a listening port of
 //! its namespace is taken for a passive open, any other for an active one.
@@ -75,6 +80,11 @@ pub struct Existing {
     pub connections: Vec<Connection>,
     /// Connections left out because there were more than the limit.
     pub over_limit: usize,
+    /// Processes whose network namespace or sockets could not be read (not those that
+    /// exited during the walk), and the first error.
+    pub unreadable: usize,
+    /// The first of those errors, with its path.
+    pub unreadable_error: Option<String>,
 }
 
 const AF_INET: u16 = 2;
@@ -96,16 +106,34 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     pids.sort_unstable();
+    let (mut unreadable, mut unreadable_error) = (0, None);
+    let mut refused = |path: PathBuf, e: std::io::Error| {
+        // A process that exited during the walk is simply gone.
+        if e.kind() != std::io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ESRCH) {
+            unreadable += 1;
+            unreadable_error.get_or_insert_with(|| format!("{}: {e}", path.display()));
+        }
+    };
     for &pid in &pids {
         let dir = proc_root.join(pid.to_string());
-        let Some(netns) =
-            link_number(&dir.join("ns/net"), "net").and_then(|n| u32::try_from(n).ok())
-        else {
+        let ns = dir.join("ns/net");
+        let netns = match std::fs::read_link(&ns) {
+            Ok(target) => target.to_str().and_then(|t| bracketed(t, "net")),
+            Err(e) => {
+                refused(ns, e);
+                continue;
+            }
+        };
+        let Some(netns) = netns.and_then(|n| u32::try_from(n).ok()) else {
             continue;
         };
         namespaces.entry(netns).or_insert(pid);
-        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
-            continue;
+        let fds = match std::fs::read_dir(dir.join("fd")) {
+            Ok(fds) => fds,
+            Err(e) => {
+                refused(dir.join("fd"), e);
+                continue;
+            }
         };
         for fd in fds.flatten() {
             if let Some(inode) = link_number(&fd.path(), "socket") {
@@ -119,7 +147,11 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
             .entry(pid)
             .or_insert_with(|| owner_of(proc_root, cgroup_root, pid))
     };
-    let mut found = Existing::default();
+    let mut found = Existing {
+        unreadable,
+        unreadable_error,
+        ..Existing::default()
+    };
     let mut namespaces: Vec<(u32, u32)> = namespaces.into_iter().collect();
     namespaces.sort_unstable();
     for (netns, pid) in namespaces {
@@ -295,6 +327,34 @@ mod tests {
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
         Ipv4Addr::from(a).to_ipv6_mapped().octets()
+    }
+
+    #[test]
+    fn processes_that_cannot_be_read_are_counted_and_those_gone_are_not() {
+        let proc = tempfile::tempdir().unwrap();
+        let p = |rel: &str| proc.path().join(rel);
+        // 100: readable, holds a listener on port 8080.
+        for dir in ["100/ns", "100/fd", "100/net", "200/ns", "300"] {
+            std::fs::create_dir_all(p(dir)).unwrap();
+        }
+        std::os::unix::fs::symlink("net:[4026531840]", p("100/ns/net")).unwrap();
+        std::os::unix::fs::symlink("socket:[77]", p("100/fd/3")).unwrap();
+        std::fs::write(p("100/comm"), "server\n").unwrap();
+        std::fs::write(
+            p("100/net/tcp"),
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   \
+             0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n",
+        )
+        .unwrap();
+        // 200: its namespace link cannot be read (as without ptrace access).
+        std::fs::write(p("200/ns/net"), "").unwrap();
+        // 300: exited during the walk.
+        let found = scan(proc.path(), proc.path(), 10);
+        assert_eq!(found.listeners.len(), 1, "{found:#?}");
+        assert_eq!(found.listeners[0].port, 8080);
+        assert_eq!(found.unreadable, 1, "{found:#?}");
+        let error = found.unreadable_error.unwrap();
+        assert!(error.contains("200/ns/net"), "{error}");
     }
 
     #[test]

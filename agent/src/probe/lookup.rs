@@ -70,12 +70,18 @@ pub fn find_sockets(
             Ok(look_up(prog, &mut group))
         } else {
             std::thread::scope(|s| {
-                s.spawn(|| {
-                    enter_netns(netns, &group)?;
-                    Ok(look_up(prog, &mut group))
-                })
-                .join()
-                .unwrap_or_else(|_| Err("the lookup thread panicked".to_owned()))
+                let thread = std::thread::Builder::new()
+                    .name("edgeward-lookup".to_owned())
+                    .spawn_scoped(s, || {
+                        enter_netns(netns, &group)?;
+                        Ok(look_up(prog, &mut group))
+                    });
+                match thread {
+                    Ok(t) => t
+                        .join()
+                        .unwrap_or_else(|_| Err("the lookup thread panicked".to_owned())),
+                    Err(e) => Err(format!("cannot start a lookup thread: {e}")),
+                }
             })
         };
         match outcome {
@@ -92,25 +98,37 @@ pub fn find_sockets(
     found
 }
 
-/// Moves the calling thread into network namespace `netns`, through `/proc/PID/ns/net` of a
-/// process that holds one of `group`'s sockets.
+/// Moves the calling thread into network namespace `netns`, through `/proc/PID/ns/net` of the
+/// first process holding one of `group`'s sockets that is still in it.
 fn enter_netns(netns: u32, group: &[&mut Connection]) -> Result<(), String> {
-    let Some(pid) = group.iter().find_map(|c| c.owner.as_ref().map(|o| o.tgid)) else {
-        return Err("no process holds its sockets".to_owned());
-    };
-    let path = format!("/proc/{pid}/ns/net");
-    let file = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-    // The process may have exited and its pid gone to a process elsewhere: the namespace
-    // file's inode number is the namespace's.
-    let opened = file.metadata().map(|m| m.ino()).ok();
-    if opened != Some(u64::from(netns)) {
-        return Err(format!("{path} is no longer network namespace {netns}"));
+    let mut why = "no process holds its sockets".to_owned();
+    let mut pids: Vec<u32> = group
+        .iter()
+        .filter_map(|c| Some(c.owner.as_ref()?.tgid))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        let path = format!("/proc/{pid}/ns/net");
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                why = format!("{path}: {e}");
+                continue;
+            }
+        };
+        // The process may have exited and its pid gone to a process elsewhere: the namespace
+        // file's inode number is the namespace's.
+        if file.metadata().map(|m| m.ino()).ok() != Some(u64::from(netns)) {
+            why = format!("{path} is no longer network namespace {netns}");
+            continue;
+        }
+        // Moves this thread only; the thread ends after the lookups.
+        return nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            format!("setns({path}): {e} (entering another network namespace needs CAP_SYS_ADMIN)")
+        });
     }
-    // Moves this thread only; the thread ends after the lookups.
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-        format!("setns({path}): {e} (entering another network namespace needs CAP_SYS_ADMIN)")
-    })?;
-    Ok(())
+    Err(why)
 }
 
 /// Looks up each connection of `group` in the calling thread's network namespace; returns how

@@ -318,6 +318,9 @@ const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 /// What is lost without the accept hook.
 const PASSIVE_UNTIL_CLOSE: &str = "pid/comm of the accepting process of a passive open: the listener's owner is reported, or for an unknown listener the closing process";
 
+/// What is lost when the start-up scan of /proc may not read some processes.
+const UNREADABLE_PROCESSES: &str = "listeners and connections open before the probe in processes the agent may not read in /proc (CAP_SYS_PTRACE): passive opens on those listeners get an owner only at close, and those connections are not reported";
+
 /// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's report written:
 /// its addresses and handshake state before its open is announced, its counters for updates.
 const REPORT_PROGRAM: &str = "conn_report";
@@ -511,6 +514,10 @@ impl ProbeConfig {
         // The accept hook is an improvement, not a requirement: without it a passive open is
         // attributed to the owner of its listener (or, that unknown, to the closing process).
         let degraded = !missing.is_empty();
+        // Neither of these degrades the probe: what it sees from now on is whole.
+        if existing.unreadable > 0 {
+            missing.push(UNREADABLE_PROCESSES);
+        }
         let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
         if let Err(e) = &accept_hook {
             tracing::info!(error = %e, "accept hook unavailable; passive opens are attributed to the owner of their listener");
@@ -689,6 +696,15 @@ fn scan_existing(limit: usize) -> existing::Existing {
         tracing::info!(
             "/proc/net/tcp hides socket addresses (kernel.kptr_restrict, or no CAP_SYSLOG); \
              the probe looks the connections up by their addresses (docs/probe.md)"
+        );
+    }
+    if let Some(error) = &found.unreadable_error {
+        tracing::warn!(
+            processes = found.unreadable,
+            first = %error,
+            "cannot read the namespaces and sockets of some processes in /proc (that takes \
+             CAP_SYS_PTRACE, or the same uid and no capability the agent lacks): their \
+             listeners and connections open before the probe are unknown (docs/probe.md)"
         );
     }
     if found.over_limit > 0 {
