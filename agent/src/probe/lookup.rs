@@ -18,7 +18,7 @@ use aya::{
 };
 use edgeward_common::{LookupQuery, lookup};
 
-use super::{ProbeError, existing::Connection};
+use super::{ProbeError, error_chain, existing::Connection};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = "conn_lookup";
@@ -48,8 +48,8 @@ pub struct Found {
     pub found: usize,
     /// Connections the kernel no longer has (closed since the scan) or could not be looked up.
     pub not_found: usize,
-    /// Network namespaces the agent could not enter, with why; their connections keep no
-    /// address.
+    /// Network namespaces where the agent could not look sockets up (could not enter them, or
+    /// the program did not run), with why; their connections keep no address.
     pub unreachable: Vec<(u32, String)>,
 }
 
@@ -67,14 +67,14 @@ pub fn find_sockets(
     let mut found = Found::default();
     for (netns, mut group) in by_netns {
         let outcome = if Some(netns) == own_netns {
-            Ok(look_up(prog, &mut group))
+            look_up(prog, &mut group)
         } else {
             std::thread::scope(|s| {
                 let thread = std::thread::Builder::new()
                     .name("edgeward-lookup".to_owned())
                     .spawn_scoped(s, || {
                         enter_netns(netns, &group)?;
-                        Ok(look_up(prog, &mut group))
+                        look_up(prog, &mut group)
                     });
                 match thread {
                     Ok(t) => t
@@ -132,22 +132,18 @@ fn enter_netns(netns: u32, group: &[&mut Connection]) -> Result<(), String> {
 }
 
 /// Looks up each connection of `group` in the calling thread's network namespace; returns how
-/// many were found.
-fn look_up(prog: &SchedClassifier, group: &mut [&mut Connection]) -> usize {
+/// many were found, or why the program could not run (then for none of them).
+fn look_up(prog: &SchedClassifier, group: &mut [&mut Connection]) -> Result<usize, String> {
     let mut found = 0;
     for c in group.iter_mut() {
-        match run(prog, &query(c)) {
-            Ok(Some(sk)) => {
-                c.sk = Some(sk);
-                found += 1;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "socket lookup failed");
-            }
+        let sk = run(prog, &query(c))
+            .map_err(|e| format!("BPF_PROG_TEST_RUN of {PROGRAM}: {}", error_chain(&e)))?;
+        if let Some(sk) = sk {
+            c.sk = Some(sk);
+            found += 1;
         }
     }
-    found
+    Ok(found)
 }
 
 /// The packet that would reach `c`'s socket: from its peer to its local address. A
