@@ -11,9 +11,10 @@
 # reads). Each round runs none, floor, none, agent: every probe leg sits between
 # two no-probe legs and is divided by their mean, so the drift of a shared machine (its speed
 # wanders by 5-10 % over minutes) cancels to first order; ratios are summarised as the median
-# over rounds, with the quartiles. agent/floor is also given directly, each agent leg against
-# the floor legs on either side (two legs away), which brings in fewer legs' noise than the
-# quotient of the two ratios. The agent's user+sys CPU and peak RSS are read over its legs.
+# over rounds, with the quartiles and a bootstrap 95 % interval of the median, against which
+# each target is called met, not met, or undecided. agent/floor is also given directly, each
+# agent leg against the floor legs on either side (two legs away), which brings in fewer legs'
+# noise than the quotient of the two ratios. The agent's user+sys CPU and peak RSS are read over its legs.
 # With AGENT_B (another build of `edgeward`, to compare a change against this tree), each
 # round goes on with a leg of it and a no-probe leg, and B is given against no probe and
 # directly against the agent legs before and after it (interpolated to its place).
@@ -158,6 +159,17 @@ echo
 awk -v secs="$SECS" -v threads="$THREADS" -v agent_b="$AGENT_B" '
 function sort(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } }
 function q(a, n, p,   b, i, k) { for (i = 1; i <= n; i++) b[i] = a[i]; sort(b, n); k = 1 + p * (n - 1); i = int(k); return (i >= n) ? b[n] : b[i] + (k - i) * (b[i + 1] - b[i]) }
+# 95 % interval of the median by bootstrap (1000 resamples of the rounds, fixed seed), and
+# what it says of a target: met when the whole interval is at or above it.
+function ci(a, n,   r, i, x, m) { srand(1); for (r = 1; r <= 1000; r++) { for (i = 1; i <= n; i++) x[i] = a[1 + int(rand() * n)]; m[r] = q(x, n, 0.5) } lo = q(m, 1000, 0.025); hi = q(m, 1000, 0.975) }
+# (With fewer than 8 rounds a resampled median says nothing: no call.)
+function verdict(t, n) { return n < 8 ? "too few rounds to call" : lo >= t ? "met" : hi < t ? "not met" : "undecided at this many rounds" }
+function line(name, a, n, t) {
+  ci(a, n)
+  printf "%s median %.3f (quartiles %.3f-%.3f; 95%% interval of the median %.3f-%.3f)", name, q(a, n, 0.5), q(a, n, 0.25), q(a, n, 0.75), lo, hi
+  if (t) printf "   target >= %.2f: %s", t, verdict(t, n)
+  printf "\n"
+}
 FNR == 1 { file++; next }
 file == 1 {
   n++; none = ($2 + $4 + $8) / 3
@@ -175,11 +187,11 @@ file == 2 {
 }
 END {
   printf "phase 1: %d rounds, %s s legs, %s client threads; conn/s mean: none %.0f, floor %.0f, agent %.0f\n", n, secs, threads, nn / n, ff / n, aa / n
-  printf "floor/none:  median %.3f (quartiles %.3f-%.3f)\n", q(fr, n, 0.5), q(fr, n, 0.25), q(fr, n, 0.75)
-  printf "agent/none:  median %.3f (quartiles %.3f-%.3f)   target >= 0.95\n", q(ar, n, 0.5), q(ar, n, 0.25), q(ar, n, 0.75)
-  printf "agent/floor: median %.3f (quartiles %.3f-%.3f)   target >= 0.97\n", q(af, n, 0.5), q(af, n, 0.25), q(af, n, 0.75)
+  line("floor/none: ", fr, n, 0)
+  line("agent/none: ", ar, n, 0.95)
+  line("agent/floor:", af, n, 0.97)
   for (i = 1; i < n; i++) adj[i] = ag[i] / ((fl[i] + fl[i + 1]) / 2)
-  if (n > 1) printf "agent/floor, against the floor legs on either side: median %.3f (quartiles %.3f-%.3f)\n", q(adj, n - 1, 0.5), q(adj, n - 1, 0.25), q(adj, n - 1, 0.75)
+  if (n > 1) line("agent/floor, against the floor legs on either side:", adj, n - 1, 0.97)
   printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
   printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
   printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
