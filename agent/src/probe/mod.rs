@@ -511,13 +511,14 @@ impl ProbeConfig {
         if reports && existing.connections.iter().any(|c| c.sk.is_none()) {
             find_sockets(&mut ebpf, &mut existing.connections);
         }
-        // The accept hook is an improvement, not a requirement: without it a passive open is
-        // attributed to the owner of its listener (or, that unknown, to the closing process).
         let degraded = !missing.is_empty();
-        // Neither of these degrades the probe: what it sees from now on is whole.
+        // Neither of what follows degrades the probe. Processes the scan of /proc may not
+        // read hide only what was open before the probe; from now on it sees everything.
         if existing.unreadable > 0 {
             missing.push(UNREADABLE_PROCESSES);
         }
+        // The accept hook is an improvement, not a requirement: without it a passive open is
+        // attributed to the owner of its listener (or, that unknown, to the closing process).
         let accept_hook = attach_accept(&mut ebpf).map_err(|e| error_chain(&e));
         if let Err(e) = &accept_hook {
             tracing::info!(error = %e, "accept hook unavailable; passive opens are attributed to the owner of their listener");
