@@ -6,6 +6,7 @@
 #
 #   scripts/bench-probe.sh            # ROUNDS=16 SECONDS_PER_LEG=2 THREADS=2 FULL_ROUNDS=3
 #   AGENT_B=/tmp/edgeward.new scripts/bench-probe.sh   # and a second agent binary, for A/B
+#   scripts/bench-probe.sh --pool OUTPUT...           # pools the rounds of saved outputs
 #
 # Phase 1, throughput (the kernel's BPF statistics off: they cost every program run two clock
 # reads). Each round runs none, floor, none, agent: every probe leg sits between
@@ -35,6 +36,96 @@ SECS=${SECONDS_PER_LEG:-2}
 THREADS=${THREADS:-2}
 FULL_ROUNDS=${FULL_ROUNDS:-3}
 AGENT_B=${AGENT_B:-}
+
+# Summarises round tables: phase 1's (round, none, floor, none, agent, agent CPU %, agent RSS
+# kB, none[, run]), phase 2's, and agent B's. Arguments: leg seconds, client threads, agent B
+# (the first empty when pooling saved runs), then the three tables, each with a header line.
+summarise() {
+  awk -v secs="$1" -v threads="$2" -v agent_b="$3" '
+# Heapsort: n log n without recursion (mawk has a small evaluation stack).
+function sift(a, i, n,   c, t) {
+  while ((c = 2 * i) <= n) {
+    if (c < n && a[c + 1] > a[c]) c++
+    if (a[i] >= a[c]) return
+    t = a[i]; a[i] = a[c]; a[c] = t; i = c
+  }
+}
+function sort(a, n,   i, t) {
+  for (i = int(n / 2); i >= 1; i--) sift(a, i, n)
+  for (i = n; i > 1; i--) { t = a[1]; a[1] = a[i]; a[i] = t; sift(a, 1, i - 1) }
+}
+function q(a, n, p,   b, i, k) { for (i = 1; i <= n; i++) b[i] = a[i]; sort(b, n); k = 1 + p * (n - 1); i = int(k); return (i >= n) ? b[n] : b[i] + (k - i) * (b[i + 1] - b[i]) }
+# 95 % interval of the median by bootstrap (1000 resamples of the rounds, fixed seed), and
+# what it says of a target: met when the whole interval is at or above it.
+function ci(a, n,   r, i, x, m) { srand(1); for (r = 1; r <= 1000; r++) { for (i = 1; i <= n; i++) x[i] = a[1 + int(rand() * n)]; m[r] = q(x, n, 0.5) } lo = q(m, 1000, 0.025); hi = q(m, 1000, 0.975) }
+# (With fewer than 8 rounds a resampled median says nothing: no call.)
+function verdict(t, n) { return n < 8 ? "too few rounds to call" : lo >= t ? "met" : hi < t ? "not met" : "undecided at this many rounds" }
+function line(name, a, n, t) {
+  ci(a, n)
+  printf "%s median %.3f (quartiles %.3f-%.3f; 95%% interval of the median %.3f-%.3f)", name, q(a, n, 0.5), q(a, n, 0.25), q(a, n, 0.75), lo, hi
+  if (t) printf "   target >= %.2f: %s", t, verdict(t, n)
+  printf "\n"
+}
+FNR == 1 { file++; next }
+file == 1 {
+  n++; none = ($2 + $4 + $8) / 3
+  fr[n] = $3 / (($2 + $4) / 2); ar[n] = $5 / (($4 + $8) / 2); af[n] = ar[n] / fr[n]
+  nn += none; ff += $3; aa += $5; cpu += $6; if ($7 > rss) rss = $7
+  cpn[n] = $6 / 100 * 1e9 / $5
+  fl[n] = $3; ag[n] = $5; run[n] = $9; if (!($9 in runs)) { runs[$9]; nruns++ }
+}
+file == 3 {
+  nb++; br[nb] = $3 / (($2 + $4) / 2); bb[nb] = $3; bcpu += $5
+}
+file == 2 {
+  m++; fbpf[m] = $3 / $2; pbpf[m] = $7 / $4; made += $4; act += $5; drops += $6
+  if ($5 < $4) short++
+}
+END {
+  if (secs != "") printf "phase 1: %d rounds, %s s legs, %s client threads; conn/s mean: none %.0f, floor %.0f, agent %.0f\n", n, secs, threads, nn / n, ff / n, aa / n
+  else printf "phase 1: %d rounds pooled from %d run(s); conn/s mean: none %.0f, floor %.0f, agent %.0f\n", n, nruns, nn / n, ff / n, aa / n
+  line("floor/none: ", fr, n, 0)
+  line("agent/none: ", ar, n, 0.95)
+  line("agent/floor:", af, n, 0.97)
+  # (Not across two runs pooled.)
+  for (i = 1; i < n; i++) if (run[i] == run[i + 1]) adj[++na] = ag[i] / ((fl[i] + fl[i + 1]) / 2)
+  if (na > 0) line("agent/floor, against the floor legs on either side:", adj, na, 0.97)
+  printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
+  printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
+  printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
+  if (nb > 0) {
+    # B of round i runs two legs after agent leg i and four before agent leg i + 1.
+    for (i = 1; i < nb && i < n; i++) ba[++nba] = bb[i] / ((2 * ag[i] + ag[i + 1]) / 3)
+    printf "agent B: %s\n", agent_b
+    printf "agent B/none: median %.3f (quartiles %.3f-%.3f); its CPU %.2f%% of one core\n", q(br, nb, 0.5), q(br, nb, 0.25), q(br, nb, 0.75), bcpu / nb
+    if (nba > 0) printf "agent B/agent, against the agent legs on either side (interpolated): median %.3f (quartiles %.3f-%.3f)\n", q(ba, nba, 0.5), q(ba, nba, 0.25), q(ba, nba, 0.75)
+  }
+}' "$4" "$5" "$6"
+}
+
+# --pool OUTPUT...: the summary of the round tables of saved outputs of this script, pooled
+# (docs/perf-data/probe holds those behind docs/PERFORMANCE.md). Needs no root and runs nothing.
+if [ "${1:-}" = --pool ]; then
+  shift
+  if [ $# -eq 0 ]; then
+    echo "usage: scripts/bench-probe.sh --pool OUTPUT..." >&2
+    exit 2
+  fi
+  pool=$(mktemp -d)
+  trap 'rm -rf "$pool"' EXIT
+  echo header > "$pool/rounds"
+  echo header > "$pool/full"
+  : > "$pool/rounds_b"
+  run=0
+  for f in "$@"; do
+    run=$((run + 1))
+    awk -v run="$run" '/^round +none +floor/ { t = 1; next } t && NF == 0 { exit }
+      t { print $1, $2, $3, $4, $5, $7, $8, $6, run }' "$f" >> "$pool/rounds"
+    awk '/^round +floor_conns/ { t = 1; next } t && NF == 0 { exit } t' "$f" >> "$pool/full"
+  done
+  summarise "" "" "" "$pool/rounds" "$pool/full" "$pool/rounds_b"
+  exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "bench-probe.sh: loads eBPF programs and creates a network namespace: run as root" >&2
@@ -156,50 +247,4 @@ echo
 column -t "$work/full"
 if [ -n "$AGENT_B" ]; then echo; column -t "$work/rounds_b"; fi
 echo
-awk -v secs="$SECS" -v threads="$THREADS" -v agent_b="$AGENT_B" '
-function sort(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } }
-function q(a, n, p,   b, i, k) { for (i = 1; i <= n; i++) b[i] = a[i]; sort(b, n); k = 1 + p * (n - 1); i = int(k); return (i >= n) ? b[n] : b[i] + (k - i) * (b[i + 1] - b[i]) }
-# 95 % interval of the median by bootstrap (1000 resamples of the rounds, fixed seed), and
-# what it says of a target: met when the whole interval is at or above it.
-function ci(a, n,   r, i, x, m) { srand(1); for (r = 1; r <= 1000; r++) { for (i = 1; i <= n; i++) x[i] = a[1 + int(rand() * n)]; m[r] = q(x, n, 0.5) } lo = q(m, 1000, 0.025); hi = q(m, 1000, 0.975) }
-# (With fewer than 8 rounds a resampled median says nothing: no call.)
-function verdict(t, n) { return n < 8 ? "too few rounds to call" : lo >= t ? "met" : hi < t ? "not met" : "undecided at this many rounds" }
-function line(name, a, n, t) {
-  ci(a, n)
-  printf "%s median %.3f (quartiles %.3f-%.3f; 95%% interval of the median %.3f-%.3f)", name, q(a, n, 0.5), q(a, n, 0.25), q(a, n, 0.75), lo, hi
-  if (t) printf "   target >= %.2f: %s", t, verdict(t, n)
-  printf "\n"
-}
-FNR == 1 { file++; next }
-file == 1 {
-  n++; none = ($2 + $4 + $8) / 3
-  fr[n] = $3 / (($2 + $4) / 2); ar[n] = $5 / (($4 + $8) / 2); af[n] = ar[n] / fr[n]
-  nn += none; ff += $3; aa += $5; cpu += $6; if ($7 > rss) rss = $7
-  cpn[n] = $6 / 100 * 1e9 / $5
-  fl[n] = $3; ag[n] = $5
-}
-file == 3 {
-  nb++; br[nb] = $3 / (($2 + $4) / 2); bb[nb] = $3; bcpu += $5
-}
-file == 2 {
-  m++; fbpf[m] = $3 / $2; pbpf[m] = $7 / $4; made += $4; act += $5; drops += $6
-  if ($5 < $4) short++
-}
-END {
-  printf "phase 1: %d rounds, %s s legs, %s client threads; conn/s mean: none %.0f, floor %.0f, agent %.0f\n", n, secs, threads, nn / n, ff / n, aa / n
-  line("floor/none: ", fr, n, 0)
-  line("agent/none: ", ar, n, 0.95)
-  line("agent/floor:", af, n, 0.97)
-  for (i = 1; i < n; i++) adj[i] = ag[i] / ((fl[i] + fl[i + 1]) / 2)
-  if (n > 1) line("agent/floor, against the floor legs on either side:", adj, n - 1, 0.97)
-  printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
-  printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
-  printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
-  if (nb > 0) {
-    # B of round i runs two legs after agent leg i and four before agent leg i + 1.
-    for (i = 1; i < nb && i < n; i++) ba[++nba] = bb[i] / ((2 * ag[i] + ag[i + 1]) / 3)
-    printf "agent B: %s\n", agent_b
-    printf "agent B/none: median %.3f (quartiles %.3f-%.3f); its CPU %.2f%% of one core\n", q(br, nb, 0.5), q(br, nb, 0.25), q(br, nb, 0.75), bcpu / nb
-    if (nba > 0) printf "agent B/agent, against the agent legs on either side (interpolated): median %.3f (quartiles %.3f-%.3f)\n", q(ba, nba, 0.5), q(ba, nba, 0.25), q(ba, nba, 0.75)
-  }
-}' "$work/rounds" "$work/full" "$work/rounds_b"
+summarise "$SECS" "$THREADS" "$AGENT_B" "$work/rounds" "$work/full" "$work/rounds_b"
