@@ -484,10 +484,7 @@ impl Agent {
     /// Starts `edgeward run` with `args` added to a temp cache dir, a free admin port and the
     /// node name `test-node`; waits until `/healthz` answers.
     pub fn spawn(args: &[&str]) -> Agent {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut agent = Self::spawn_in(dir.path(), "test-node", args);
-        agent._dir = Some(dir);
-        agent
+        Self::spawn_under(&[], args)
     }
 
     /// Like [`Agent::spawn`], with the cache and log in `root` (kept across restarts) and the
@@ -499,7 +496,7 @@ impl Agent {
     }
 
     /// Like [`Agent::spawn`], run by the command `prefix` (`setpriv …`, `--` last) with the
-    /// binary as its first argument.
+    /// binary as its first argument; an empty `prefix` runs the binary itself.
     pub fn spawn_under(prefix: &[&str], args: &[&str]) -> Agent {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut agent = Self::start_with(dir.path(), "test-node", prefix, args);

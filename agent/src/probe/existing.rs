@@ -81,7 +81,7 @@ pub struct Existing {
     /// Connections left out because there were more than the limit.
     pub over_limit: usize,
     /// Processes whose network namespace or sockets could not be read (not those that
-    /// exited during the walk), and the first error.
+    /// exited during the walk).
     pub unreadable: usize,
     /// The first of those errors, with its path.
     pub unreadable_error: Option<String>,
@@ -117,8 +117,8 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
     for &pid in &pids {
         let dir = proc_root.join(pid.to_string());
         let ns = dir.join("ns/net");
-        let netns = match std::fs::read_link(&ns) {
-            Ok(target) => target.to_str().and_then(|t| bracketed(t, "net")),
+        let netns = match link_number(&ns, "net") {
+            Ok(n) => n,
             Err(e) => {
                 refused(ns, e);
                 continue;
@@ -136,7 +136,7 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
             }
         };
         for fd in fds.flatten() {
-            if let Some(inode) = link_number(&fd.path(), "socket") {
+            if let Ok(Some(inode)) = link_number(&fd.path(), "socket") {
                 holders.entry(inode).or_insert(pid);
             }
         }
@@ -229,10 +229,11 @@ fn owner_of(proc_root: &Path, cgroup_root: &Path, pid: u32) -> Option<Owner> {
     })
 }
 
-/// `N` from a symbolic link to `kind:[N]` (`net:[4026531840]`, `socket:[81234]`).
-fn link_number(link: &Path, kind: &str) -> Option<u64> {
-    let target = std::fs::read_link(link).ok()?;
-    bracketed(target.to_str()?, kind)
+/// `N` from a symbolic link to `kind:[N]` (`net:[4026531840]`, `socket:[81234]`); `None`
+/// when the link points elsewhere, the error when it cannot be read.
+fn link_number(link: &Path, kind: &str) -> std::io::Result<Option<u64>> {
+    let target = std::fs::read_link(link)?;
+    Ok(target.to_str().and_then(|t| bracketed(t, kind)))
 }
 
 /// `N` from `kind:[N]`.
@@ -445,7 +446,9 @@ mod tests {
             usize::MAX,
         );
         let me = std::process::id();
-        let netns = link_number(Path::new("/proc/self/ns/net"), "net").unwrap();
+        let netns = link_number(Path::new("/proc/self/ns/net"), "net")
+            .unwrap()
+            .unwrap();
         let ours = found
             .listeners
             .iter()

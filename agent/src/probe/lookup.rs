@@ -54,12 +54,13 @@ pub struct Found {
 }
 
 /// Looks up the socket of each connection in `connections` without one, and sets its `sk`
-/// when found. `own_netns` is the agent's network namespace, where no thread needs to move.
-pub fn find_sockets(
-    prog: &SchedClassifier,
-    connections: &mut [Connection],
-    own_netns: Option<u32>,
-) -> Found {
+/// when found. Those in the calling thread's network namespace are looked up from it, without
+/// a thread that moves.
+pub fn find_sockets(prog: &SchedClassifier, connections: &mut [Connection]) -> Found {
+    // A namespace file's inode number is the namespace's.
+    let own_netns = std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .and_then(|m| u32::try_from(m.ino()).ok());
     let mut by_netns: BTreeMap<u32, Vec<&mut Connection>> = BTreeMap::new();
     for c in connections.iter_mut().filter(|c| c.sk.is_none()) {
         by_netns.entry(c.netns).or_default().push(c);

@@ -752,11 +752,7 @@ fn find_sockets(ebpf: &mut Ebpf, connections: &mut [existing::Connection]) {
     else {
         return;
     };
-    // A namespace file's inode number is the namespace's.
-    let own = std::fs::metadata("/proc/thread-self/ns/net")
-        .ok()
-        .and_then(|m| u32::try_from(std::os::unix::fs::MetadataExt::ino(&m)).ok());
-    let found = lookup::find_sockets(prog, connections, own);
+    let found = lookup::find_sockets(prog, connections);
     for (netns, why) in &found.unreachable {
         tracing::debug!(netns, reason = %why, "cannot look up the sockets of a network namespace");
     }
