@@ -122,6 +122,8 @@ pub struct Enricher {
     cgroup_root: PathBuf,
     executables: BoundedCache<(u32, Arc<str>), Option<Arc<str>>>,
     cgroups: BoundedCache<u64, CgroupInfo>,
+    /// Reads of `/proc/PID/exe` so far.
+    exe_reads: u64,
     /// Walks of cgroupfs so far.
     scans: u64,
 }
@@ -141,6 +143,7 @@ impl Enricher {
             cgroup_root,
             executables: BoundedCache::new(cache_size),
             cgroups: BoundedCache::new(cache_size),
+            exe_reads: 0,
             scans: 0,
         }
     }
@@ -163,17 +166,21 @@ impl Enricher {
         if let Some(hit) = self.executables.get(&key) {
             return hit.clone();
         }
-        let exe = std::fs::read_link(self.proc_root.join(tgid.to_string()).join("exe"))
-            .ok()
-            .and_then(|p| {
-                p.file_name()
-                    .map(|n| Arc::from(n.to_string_lossy().trim_end_matches(" (deleted)")))
-            });
-        // A process that already exited is not cached: it may still be found next time only
-        // if the pid is reused, which the comm key covers.
-        if exe.is_some() {
-            self.executables.insert(key, exe.clone());
-        }
+        self.exe_reads += 1;
+        let exe = match std::fs::read_link(self.proc_root.join(tgid.to_string()).join("exe")) {
+            Ok(path) => path
+                .file_name()
+                .map(|n| Arc::from(n.to_string_lossy().trim_end_matches(" (deleted)"))),
+            // The process has exited (or is a kernel thread): not cached, so that a reused pid
+            // with the same comm is looked up again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            // Refused: reading another process's exe link takes ptrace read access, which the
+            // shipped capability set lacks for most processes (docs/operators.md). The answer
+            // will not change while the process lives, and asking again for every event costs
+            // a path walk and a permission check in the kernel each time.
+            Err(_) => None,
+        };
+        self.executables.insert(key, exe.clone());
         exe
     }
 
@@ -332,5 +339,28 @@ mod tests {
         assert_eq!(e.cgroup(u64::MAX), CgroupInfo::default());
         assert_eq!(e.cgroup(ino).container_id.as_deref(), Some(ID));
         assert_eq!(e.scans, 2);
+    }
+
+    #[test]
+    fn executables_refused_are_cached_and_exited_ones_are_not() {
+        let proc_root = tempfile::tempdir().unwrap();
+        let comm: Arc<str> = Arc::from("server");
+        // Found: cached.
+        let found = proc_root.path().join("10");
+        std::fs::create_dir(&found).unwrap();
+        std::os::unix::fs::symlink("/usr/sbin/server (deleted)", found.join("exe")).unwrap();
+        // Refused: an `exe` that cannot be read as a link (here a plain file, EINVAL; in
+        // /proc, EACCES without ptrace access) is cached as unknown.
+        let refused = proc_root.path().join("20");
+        std::fs::create_dir(&refused).unwrap();
+        std::fs::write(refused.join("exe"), b"").unwrap();
+        // Exited (no directory): asked again next time.
+        let mut e = Enricher::with_roots(8, proc_root.path().to_path_buf(), "/nonexistent".into());
+        for _ in 0..3 {
+            assert_eq!(e.executable(10, &comm).as_deref(), Some("server"));
+            assert_eq!(e.executable(20, &comm), None);
+            assert_eq!(e.executable(30, &comm), None);
+        }
+        assert_eq!(e.exe_reads, 1 + 1 + 3);
     }
 }
