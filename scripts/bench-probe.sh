@@ -6,6 +6,7 @@
 #
 #   scripts/bench-probe.sh            # ROUNDS=16 SECONDS_PER_LEG=2 THREADS=2 FULL_ROUNDS=3
 #   AGENT_B=/tmp/edgeward.new scripts/bench-probe.sh   # and a second agent binary, for A/B
+#   AGENT_CAPS=full scripts/bench-probe.sh            # agents with all of root's capabilities
 #   scripts/bench-probe.sh --pool OUTPUT...           # pools the rounds of saved outputs
 #
 # Phase 1, throughput (the kernel's BPF statistics off: they cost every program run two clock
@@ -19,6 +20,10 @@
 # With AGENT_B (another build of `edgeward`, to compare a change against this tree), each
 # round goes on with a leg of it and a no-probe leg, and B is given against no probe and
 # directly against the agent legs before and after it (interpolated to its place).
+# The agents run with the capability set the DaemonSet and the systemd unit grant (CAP_BPF and
+# CAP_PERFMON, through setpriv), as operators run them: without CAP_SYS_PTRACE the agent cannot
+# read most processes' /proc entries, which changes its work. AGENT_CAPS=full runs them with
+# all of root's capabilities instead.
 # The generator (tests/load/churn.c) runs in a network namespace of its own
 # (tcp_tw_reuse on, wide port range) so that TIME_WAIT does not cap the rate and so that the
 # harness can count exactly its connections (by netns) while others use the machine.
@@ -36,6 +41,7 @@ SECS=${SECONDS_PER_LEG:-2}
 THREADS=${THREADS:-2}
 FULL_ROUNDS=${FULL_ROUNDS:-3}
 AGENT_B=${AGENT_B:-}
+AGENT_CAPS=${AGENT_CAPS:-shipped}
 
 # Summarises round tables: phase 1's (round, none, floor, none, agent, agent CPU %, agent RSS
 # kB, none[, run]), phase 2's, and agent B's. Arguments: leg seconds, client threads, agent B
@@ -131,6 +137,15 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "bench-probe.sh: loads eBPF programs and creates a network namespace: run as root" >&2
   exit 1
 fi
+case "$AGENT_CAPS" in
+  # The set in deploy/ (docs/operators.md "Capabilities"), nothing inheritable.
+  shipped) AGENT_PREFIX=(setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon --) ;;
+  full) AGENT_PREFIX=() ;;
+  *)
+    echo "bench-probe.sh: AGENT_CAPS=$AGENT_CAPS: expected shipped (CAP_BPF, CAP_PERFMON) or full" >&2
+    exit 1
+    ;;
+esac
 if [ -n "$AGENT_B" ] && [ ! -x "$AGENT_B" ]; then
   echo "bench-probe.sh: AGENT_B=$AGENT_B is not an executable file" >&2
   exit 1
@@ -185,7 +200,7 @@ leg_floor() {
 # Runs the agent binary $1 (default: this tree's) for one leg; prints "rate cpu_percent rss_kb".
 leg_agent() {
   local bin=${1:-$AGENT} port; port=$(free_port)
-  "$bin" run --admin-addr "127.0.0.1:$port" --node-name bench --cache-dir "$work/cache" \
+  "${AGENT_PREFIX[@]}" "$bin" run --admin-addr "127.0.0.1:$port" --node-name bench --cache-dir "$work/cache" \
     2> "$work/agent.log" & bg_pid=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
   local t0 s0 out t1 s1 rss state
@@ -200,6 +215,7 @@ leg_agent() {
     'BEGIN { printf "%s %.2f %s\n", r, 100 * (b - a) / hz / (s1 - s0), rss }'
 }
 
+echo "agent capabilities: $AGENT_CAPS" >&2
 echo "phase 1: throughput, $ROUNDS rounds of none/floor/none/agent${AGENT_B:+/none/agent B}, ${SECS} s legs, $THREADS client threads" >&2
 printf 'round none1 floor none2 agent agent_cpu%% agent_rss_kb\n' > "$work/rounds"
 printf 'round none3 agent_b none4 agent_b_cpu%%\n' > "$work/rounds_b"
@@ -247,4 +263,5 @@ echo
 column -t "$work/full"
 if [ -n "$AGENT_B" ]; then echo; column -t "$work/rounds_b"; fi
 echo
+echo "agent capabilities: $AGENT_CAPS${AGENT_PREFIX[*]:+ (${AGENT_PREFIX[*]})}"
 summarise "$SECS" "$THREADS" "$AGENT_B" "$work/rounds" "$work/full" "$work/rounds_b"
