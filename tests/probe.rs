@@ -16,6 +16,8 @@ use edgeward::probe::{
     ProbeConfig,
     event::{CloseReason, ConnectionEvent, Direction, EventKind},
 };
+use edgeward_otlp_sink::Value;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use support::{
     Agent,
     probe::{NetNs, RunningProbe, Traffic, VethPair},
@@ -773,7 +775,7 @@ fn agent_exports_probe_counters_in_status_and_metrics() {
 #[test]
 fn without_privileges_the_agent_runs_with_the_probe_degraded() {
     // Root without any capability: BPF is refused, everything else works.
-    let (_agent, status) = agent_under_setpriv(&["--bounding-set=-all", "--inh-caps=-all"]);
+    let (_agent, status) = agent_under_setpriv(&["--bounding-set=-all", "--inh-caps=-all"], &[]);
     assert_eq!(status["probe"]["state"], "degraded", "{status}");
     let reason = status["probe"]["reason"].as_str().unwrap_or_default();
     assert!(
@@ -783,13 +785,13 @@ fn without_privileges_the_agent_runs_with_the_probe_degraded() {
 }
 
 /// An agent run by `setpriv ARGS`, and its `/status` once its probe is no longer starting.
-fn agent_under_setpriv(args: &[&str]) -> (Agent, serde_json::Value) {
+fn agent_under_setpriv(args: &[&str], agent_args: &[&str]) -> (Agent, serde_json::Value) {
     let prefix: Vec<&str> = ["setpriv"]
         .into_iter()
         .chain(args.iter().copied())
         .chain(["--"])
         .collect();
-    let agent = Agent::spawn_under(&prefix, &[]);
+    let agent = Agent::spawn_under(&prefix, agent_args);
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, body) = agent.get("/status");
@@ -807,13 +809,19 @@ fn agent_under_setpriv(args: &[&str]) -> (Agent, serde_json::Value) {
 
 /// The capability set the DaemonSet and the systemd unit grant (docs/operators.md): the probe
 /// runs, traces, and says what the start-up scan of /proc could not see (processes with more
-/// capabilities than the agent, as this test's own are).
+/// capabilities than the agent, as this test's own are). The executable link of such a process
+/// is refused too: its spans carry the process's name, not the name of the thread that made
+/// the connection.
 #[test]
 fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_read() {
+    let sink = support::otlp::BlockingSink::start(Default::default());
+    let endpoint = sink.get().grpc_endpoint();
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
     let port = echo.port();
-    let (agent, status) =
-        agent_under_setpriv(&["--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"]);
+    let (agent, status) = agent_under_setpriv(
+        &["--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"],
+        &["--otlp-endpoint", &endpoint],
+    );
     let events = || -> u64 {
         let (_, metrics) = agent.get("/metrics");
         metrics
@@ -823,10 +831,13 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_re
             .unwrap_or(0)
     };
     let before = events();
-    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string()]);
+    let mut pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &port.to_string(), "thread"]);
     assert_eq!(pinger.line(), "idle");
-    pinger.send_line("bye");
-    pinger.finish();
+    pinger.send_line("poke");
+    assert_eq!(pinger.line(), "done");
+    // Closes the connection; the process lives on until `finish`, so that what the agent
+    // reads of it in /proc does not depend on how soon it reads.
+    pinger.send_line("close");
     let deadline = Instant::now() + WAIT;
     while events() <= before {
         assert!(
@@ -839,6 +850,18 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_re
     assert_eq!(status["probe"]["state"], "running", "{status}");
     let missing = status["probe"]["missing_fields"].to_string();
     assert!(missing.contains("CAP_SYS_PTRACE"), "{status}");
+    // The pinger's connection was made by its thread "ew-pinger"; the process is "ew-main".
+    let pid = i64::from(pinger.pid());
+    let spans = sink.wait_for_spans(1, WAIT, |s| {
+        s.attr("process.pid") == Some(&Value::Int(pid)) && s.kind == SpanKind::Client
+    });
+    pinger.finish();
+    assert_eq!(
+        spans[0].attr("process.executable.name"),
+        Some(&Value::Str("ew-main".into())),
+        "{}",
+        spans[0].to_line()
+    );
 }
 
 #[test]

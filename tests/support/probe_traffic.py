@@ -10,9 +10,12 @@
                               until EOF. With "wait", read a line from stdin before listening
                               (the test moves the process into a cgroup first, as a container
                               runtime does before the workload starts).
-  pinger HOST PORT           connect, 20 ping-pongs, print "idle", wait for a line on stdin,
+  pinger HOST PORT [thread]  connect, 20 ping-pongs, print "idle", wait for a line on stdin,
                               send one more message ("poke"), read its echo, print "done",
-                              wait for a line on stdin, close.
+                              wait for a line on stdin, close. With "thread", all that runs in
+                              a second thread while the main one, named "ew-main", waits (the
+                              connection's thread and the process then have different names);
+                              after the close it waits for one more line before exiting.
 
 Each process names its thread (comm) "ew-<role>" so the test can check comm exactly.
 """
@@ -20,6 +23,7 @@ import ctypes
 import socket
 import struct
 import sys
+import threading
 
 
 def name(comm):
@@ -118,6 +122,12 @@ if __name__ == "__main__":
         client(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]))
     elif role == "echo":
         echo(args[0], args[1:] == ["wait"])
+    elif role == "pinger" and args[2:] == ["thread"]:
+        name("ew-main")
+        worker = threading.Thread(target=pinger, args=(args[0], int(args[1])))
+        worker.start()
+        worker.join()
+        sys.stdin.readline()
     elif role == "pinger":
         pinger(args[0], int(args[1]))
     else:

@@ -175,10 +175,21 @@ impl Enricher {
             // with the same comm is looked up again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             // Refused: reading another process's exe link takes ptrace read access, which the
-            // shipped capability set lacks for most processes (docs/operators.md). The answer
-            // will not change while the process lives, and asking again for every event costs
-            // a path walk and a permission check in the kernel each time.
-            Err(_) => None,
+            // shipped capability set lacks for most processes (docs/operators.md). The
+            // process's name (its main thread's comm, `Name` in /proc/PID/status) is readable
+            // by anyone and is what OpenTelemetry's `process.executable.name` allows on Linux;
+            // it beats the event's own comm, which is the name of whichever thread made the
+            // call. Cached either way: the answer will not change while the process lives, and
+            // asking again for every event costs a path walk and a permission check each time.
+            Err(_) => match std::fs::read(self.proc_root.join(tgid.to_string()).join("comm")) {
+                Ok(name) => {
+                    let name = String::from_utf8_lossy(&name);
+                    let name = name.trim_end_matches('\n');
+                    (!name.is_empty()).then(|| Arc::from(name))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+                Err(_) => None,
+            },
         };
         self.executables.insert(key, exe.clone());
         exe
@@ -342,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn executables_refused_are_cached_and_exited_ones_are_not() {
+    fn executables_refused_fall_back_to_the_process_name_and_are_cached() {
         let proc_root = tempfile::tempdir().unwrap();
         let comm: Arc<str> = Arc::from("server");
         // Found: cached.
@@ -350,17 +361,24 @@ mod tests {
         std::fs::create_dir(&found).unwrap();
         std::os::unix::fs::symlink("/usr/sbin/server (deleted)", found.join("exe")).unwrap();
         // Refused: an `exe` that cannot be read as a link (here a plain file, EINVAL; in
-        // /proc, EACCES without ptrace access) is cached as unknown.
+        // /proc, EACCES without ptrace access) gives the process's name from `comm`, cached.
         let refused = proc_root.path().join("20");
         std::fs::create_dir(&refused).unwrap();
         std::fs::write(refused.join("exe"), b"").unwrap();
+        std::fs::write(refused.join("comm"), b"main-thread\n").unwrap();
+        // Refused with no name to fall back on: cached as unknown.
+        let nameless = proc_root.path().join("40");
+        std::fs::create_dir(&nameless).unwrap();
+        std::fs::write(nameless.join("exe"), b"").unwrap();
+        std::fs::create_dir(nameless.join("comm")).unwrap();
         // Exited (no directory): asked again next time.
         let mut e = Enricher::with_roots(8, proc_root.path().to_path_buf(), "/nonexistent".into());
         for _ in 0..3 {
             assert_eq!(e.executable(10, &comm).as_deref(), Some("server"));
-            assert_eq!(e.executable(20, &comm), None);
+            assert_eq!(e.executable(20, &comm).as_deref(), Some("main-thread"));
             assert_eq!(e.executable(30, &comm), None);
+            assert_eq!(e.executable(40, &comm), None);
         }
-        assert_eq!(e.exe_reads, 1 + 1 + 3);
+        assert_eq!(e.exe_reads, 1 + 1 + 3 + 1);
     }
 }

@@ -128,7 +128,9 @@ pub struct ConnectionEvent {
     /// `start_unix_nanos` is when the agent found it, not when it opened. Its counters are the
     /// connection's totals all the same.
     pub started_before_probe: bool,
-    /// Executable name of the process (enrichment; `None` when unknown).
+    /// Executable name of the process (enrichment: the basename of `/proc/TGID/exe`, or the
+    /// process's name from `/proc/TGID/comm` where that link may not be read; `None` when
+    /// unknown).
     pub executable: Option<Arc<str>>,
     /// Container id from the cgroup path (enrichment).
     pub container_id: Option<Arc<str>>,

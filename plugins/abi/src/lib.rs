@@ -564,7 +564,8 @@ impl<'a> EventView<'a> {
     pub fn comm(&self) -> &'a str {
         self.string(field::COMM).unwrap_or("")
     }
-    /// Executable name.
+    /// Executable name: the file name of the process's executable, or, where the agent may
+    /// not read that (docs/operators.md), the process's name (its main thread's `comm`).
     pub fn executable(&self) -> Option<&'a str> {
         self.string(field::EXECUTABLE)
     }
