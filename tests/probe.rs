@@ -811,13 +811,20 @@ fn agent_under_setpriv(args: &[&str], agent_args: &[&str]) -> (Agent, serde_json
 /// runs, traces, and says what the start-up scan of /proc could not see (processes with more
 /// capabilities than the agent, as this test's own are). The executable link of such a process
 /// is refused too: its spans carry the process's name, not the name of the thread that made
-/// the connection.
+/// the connection. A connection open before the agent in its own network namespace has its
+/// socket looked up (the lookup program loads without `CAP_NET_ADMIN`), for updates.
 #[test]
 fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_read() {
     let sink = support::otlp::BlockingSink::start(Default::default());
     let endpoint = sink.get().grpc_endpoint();
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
     let port = echo.port();
+    // Open before the agent starts; /proc/net/tcp shows no socket addresses here
+    // (kernel.kptr_restrict 0 hashes them; 1 hides them from an agent without CAP_SYSLOG).
+    let mut old_echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
+    let old_port = old_echo.port();
+    let mut old_pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &old_port.to_string()]);
+    assert_eq!(old_pinger.line(), "idle");
     let (agent, status) = agent_under_setpriv(
         &["--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"],
         &["--otlp-endpoint", &endpoint],
@@ -850,6 +857,15 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_re
     assert_eq!(status["probe"]["state"], "running", "{status}");
     let missing = status["probe"]["missing_fields"].to_string();
     assert!(missing.contains("CAP_SYS_PTRACE"), "{status}");
+    assert!(!missing.contains("socket lookup unavailable"), "{status}");
+    assert!(
+        agent.log().contains("looked up by address"),
+        "{}",
+        agent.log()
+    );
+    old_pinger.send_line("bye");
+    old_pinger.finish();
+    drop(old_echo);
     // The pinger's connection was made by its thread "ew-pinger"; the process is "ew-main".
     let pid = i64::from(pinger.pid());
     let spans = sink.wait_for_spans(1, WAIT, |s| {

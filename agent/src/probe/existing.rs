@@ -18,8 +18,9 @@
 //!
 //! Reading another process's `/proc/PID/ns/net` and `/proc/PID/fd` takes what `ptrace` read
 //! access takes: the same uid and no capability the agent lacks, or `CAP_SYS_PTRACE`. The
-//! processes the agent may not read are counted ([`Existing::unreadable`]): their sockets stay
-//! unknown, and the agent says so.
+//! processes the agent may not read are counted ([`Existing::unreadable`]), and the agent says
+//! so: which of the sockets they hold is unknown, and so are the sockets of a namespace where
+//! it can read no process (the agent's own namespace always has one: the agent).
 //!
 //! The tables do not say who opened a connection: one whose local port is a listening port of
 //! its namespace is taken for a passive open, any other for an active one.

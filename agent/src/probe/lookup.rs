@@ -5,8 +5,9 @@
 //! Without its socket's address the agent cannot have the kernel report on a connection, so
 //! it would get no updates. The `conn_lookup` program finds the socket the way the kernel
 //! finds the socket of an arriving packet (`bpf_sk_lookup_tcp`, by its four addresses), in
-//! the network namespace of the thread that runs it (`BPF_PROG_TEST_RUN` of a classifier,
-//! never attached). The agent runs it in its own namespace directly, and in each other
+//! the network namespace of the thread that runs it (`BPF_PROG_TEST_RUN` of a cgroup skb
+//! program, never attached; that type loads with `CAP_BPF` alone, where a classifier would
+//! need `CAP_NET_ADMIN`). The agent runs it in its own namespace directly, and in each other
 //! namespace from a short-lived thread that enters it (`setns`, which needs `CAP_SYS_ADMIN`);
 //! where it cannot, those connections keep the path without an address.
 
@@ -14,7 +15,8 @@ use std::{collections::BTreeMap, fs::File, os::unix::fs::MetadataExt};
 
 use aya::{
     Ebpf,
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    maps::{Array, MapData},
+    programs::{CgroupSkb, ProgramError, TestRun, TestRunOptions},
 };
 use edgeward_common::{LookupQuery, lookup};
 
@@ -22,6 +24,8 @@ use super::{ProbeError, error_chain, existing::Connection};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = "conn_lookup";
+/// The map it writes the socket's address into.
+const ANSWER: &str = "LOOKUP_FOUND";
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -33,12 +37,27 @@ pub fn load(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         attach_point: "BPF_PROG_TEST_RUN".to_owned(),
         source,
     };
-    let prog: &mut SchedClassifier = ebpf
+    let prog: &mut CgroupSkb = ebpf
         .program_mut(PROGRAM)
         .ok_or(ProbeError::MissingProgram(PROGRAM))?
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)
+}
+
+/// The loaded `conn_lookup` and the map it answers in.
+pub struct Lookup<'a> {
+    prog: &'a CgroupSkb,
+    answer: Array<&'a MapData, u64>,
+}
+
+impl<'a> Lookup<'a> {
+    /// The program [`load`] loaded, with its answer map; `None` if either is missing.
+    pub fn of(ebpf: &'a Ebpf) -> Option<Self> {
+        let prog = ebpf.program(PROGRAM)?.try_into().ok()?;
+        let answer = Array::try_from(ebpf.map(ANSWER)?).ok()?;
+        Some(Self { prog, answer })
+    }
 }
 
 /// What [`find_sockets`] did.
@@ -56,7 +75,7 @@ pub struct Found {
 /// Looks up the socket of each connection in `connections` without one, and sets its `sk`
 /// when found. Those in the calling thread's network namespace are looked up from it, without
 /// a thread that moves.
-pub fn find_sockets(prog: &SchedClassifier, connections: &mut [Connection]) -> Found {
+pub fn find_sockets(prog: &Lookup<'_>, connections: &mut [Connection]) -> Found {
     // A namespace file's inode number is the namespace's.
     let own_netns = std::fs::metadata("/proc/thread-self/ns/net")
         .ok()
@@ -134,7 +153,7 @@ fn enter_netns(netns: u32, group: &[&mut Connection]) -> Result<(), String> {
 
 /// Looks up each connection of `group` in the calling thread's network namespace; returns how
 /// many were found, or why the program could not run (then for none of them).
-fn look_up(prog: &SchedClassifier, group: &mut [&mut Connection]) -> Result<usize, String> {
+fn look_up(prog: &Lookup<'_>, group: &mut [&mut Connection]) -> Result<usize, String> {
     let mut found = 0;
     for c in group.iter_mut() {
         let sk = run(prog, &query(c))
@@ -183,21 +202,18 @@ fn v4(addr: &[u8; 16]) -> Option<[u8; 4]> {
 }
 
 /// Runs `conn_lookup` on one query; the socket's address when found.
-fn run(prog: &SchedClassifier, q: &LookupQuery) -> Result<Option<u64>, ProgramError> {
+fn run(lookup: &Lookup<'_>, q: &LookupQuery) -> Result<Option<u64>, ProgramError> {
     let mut packet = [0u8; lookup::PACKET_LEN];
     packet[lookup::AT..].copy_from_slice(&as_bytes(q));
-    let mut out = [0u8; lookup::PACKET_LEN];
-    let result = prog.test_run(TestRunOptions {
+    let result = lookup.prog.test_run(TestRunOptions {
         data_in: Some(&packet),
-        data_out: Some(&mut out),
         ..TestRunOptions::new()
     })?;
     if result.return_value != lookup::FOUND {
         return Ok(None);
     }
-    let mut sk = [0u8; 8];
-    sk.copy_from_slice(&out[lookup::AT..lookup::AT + 8]);
-    Ok(Some(u64::from_ne_bytes(sk)).filter(|&sk| sk != 0))
+    let sk = lookup.answer.get(&0, 0).map_err(ProgramError::from)?;
+    Ok(Some(sk).filter(|&sk| sk != 0))
 }
 
 /// The query as the program reads it (`repr(C)`: no padding besides `_pad`).

@@ -318,8 +318,12 @@ const ACCEPT_FUNCTION: &str = "inet_csk_accept";
 /// What is lost without the accept hook.
 const PASSIVE_UNTIL_CLOSE: &str = "pid/comm of the accepting process of a passive open: the listener's owner is reported, or for an unknown listener the closing process";
 
+/// What is lost when the sockets of connections found in /proc cannot all be looked up.
+const NO_UPDATES_BEFORE: &str =
+    "update events of connections open before the probe whose socket addresses /proc/net/tcp hides";
+
 /// What is lost when the start-up scan of /proc may not read some processes.
-const UNREADABLE_PROCESSES: &str = "listeners and connections open before the probe in processes the agent may not read in /proc (CAP_SYS_PTRACE): passive opens on those listeners get an owner only at close, and those connections are not reported";
+const UNREADABLE_PROCESSES: &str = "listeners and connections open before the probe in processes the agent may not read in /proc (CAP_SYS_PTRACE): passive opens on those listeners get an owner only at close; those connections are reported without their process in the agent's own network namespace, and not at all in namespaces where it can read no process";
 
 /// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's report written:
 /// its addresses and handshake state before its open is announced, its counters for updates.
@@ -508,14 +512,20 @@ impl ProbeConfig {
                 }
             }
         }
-        if reports && existing.connections.iter().any(|c| c.sk.is_none()) {
-            find_sockets(&mut ebpf, &mut existing.connections);
-        }
+        let lookup_lost = if reports && existing.connections.iter().any(|c| c.sk.is_none()) {
+            find_sockets(&mut ebpf, &mut existing.connections)
+        } else {
+            None
+        };
         let degraded = !missing.is_empty();
-        // Neither of what follows degrades the probe. Processes the scan of /proc may not
-        // read hide only what was open before the probe; from now on it sees everything.
+        // None of what follows degrades the probe. Processes the scan of /proc may not read,
+        // and sockets it may not look up, hide only what was open before the probe; from now
+        // on it sees everything.
         if existing.unreadable > 0 {
             missing.push(UNREADABLE_PROCESSES);
+        }
+        if lookup_lost.is_some() {
+            missing.push(NO_UPDATES_BEFORE);
         }
         // The accept hook is an improvement, not a requirement: without it a passive open is
         // attributed to the owner of its listener (or, that unknown, to the closing process).
@@ -553,6 +563,11 @@ impl ProbeConfig {
         }
         let (out_tx, out_rx) = channel::bounded(self.channel_capacity);
         let mut missing_text: Vec<String> = missing.iter().map(|s| (*s).to_owned()).collect();
+        if let Some(why) = &lookup_lost
+            && let Some(text) = missing_text.iter_mut().find(|t| *t == NO_UPDATES_BEFORE)
+        {
+            *text = format!("{text} ({why})");
+        }
         if let (Err(e), Some(last)) = (&accept_hook, missing_text.last_mut()) {
             *last = format!("{last} (fexit {ACCEPT_FUNCTION} unavailable: {e})");
         }
@@ -704,8 +719,10 @@ fn scan_existing(limit: usize) -> existing::Existing {
             processes = found.unreadable,
             first = %error,
             "cannot read the namespaces and sockets of some processes in /proc (that takes \
-             CAP_SYS_PTRACE, or the same uid and no capability the agent lacks): their \
-             listeners and connections open before the probe are unknown (docs/probe.md)"
+             CAP_SYS_PTRACE, or the same uid and no capability the agent lacks): the owners of \
+             their listeners and connections open before the probe are unknown, and so are \
+             those connections in network namespaces where the agent can read no process \
+             (docs/probe.md)"
         );
     }
     if found.over_limit > 0 {
@@ -739,20 +756,22 @@ fn load_report(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
 }
 
 /// Looks up the sockets of the connections found in /proc without their kernel address, for
-/// them to be reported on like any other (see [`lookup`]).
-fn find_sockets(ebpf: &mut Ebpf, connections: &mut [existing::Connection]) {
+/// them to be reported on like any other (see [`lookup`]); says why, if some could not be
+/// looked up.
+fn find_sockets(ebpf: &mut Ebpf, connections: &mut [existing::Connection]) -> Option<String> {
     let without = connections.iter().filter(|c| c.sk.is_none()).count();
     if let Err(e) = lookup::load(ebpf) {
-        tracing::warn!(error = %error_chain(&e), connections = without, "socket lookup unavailable; connections open before the probe get no updates");
-        return;
+        let e = error_chain(&e);
+        tracing::warn!(error = %e, connections = without, "socket lookup unavailable; connections open before the probe get no updates");
+        return Some(format!("socket lookup unavailable: {e}"));
     }
-    let Some(prog) = ebpf
-        .program(lookup::PROGRAM)
-        .and_then(|p| <&aya::programs::SchedClassifier>::try_from(p).ok())
-    else {
-        return;
+    let Some(prog) = lookup::Lookup::of(ebpf) else {
+        return Some(format!(
+            "socket lookup unavailable: no program {} or map in the object",
+            lookup::PROGRAM
+        ));
     };
-    let found = lookup::find_sockets(prog, connections);
+    let found = lookup::find_sockets(&prog, connections);
     for (netns, why) in &found.unreachable {
         tracing::debug!(netns, reason = %why, "cannot look up the sockets of a network namespace");
     }
@@ -770,6 +789,12 @@ fn find_sockets(ebpf: &mut Ebpf, connections: &mut [existing::Connection]) {
         namespaces_unreachable = found.unreachable.len(),
         "sockets of the connections open before the probe looked up by address"
     );
+    found.unreachable.first().map(|(netns, why)| {
+        format!(
+            "sockets not looked up in {} network namespace(s), first {netns}: {why}",
+            found.unreachable.len()
+        )
+    })
 }
 
 /// Has the kernel write a report record for the socket at `sk`; returns a [`report`] code.

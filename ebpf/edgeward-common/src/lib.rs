@@ -54,32 +54,36 @@ pub mod report {
     pub const RING_FULL: u32 = 2;
 }
 
-/// The socket lookup the agent runs with `conn_lookup` (`BPF_PROG_TEST_RUN` of a classifier,
-/// never attached) for the connections it finds open at start where `/proc/net/tcp` hides the
-/// sockets' kernel addresses: the program looks the connection up by its addresses in the
-/// network namespace of the thread that runs it, and writes the socket's address back into
-/// the test packet, for the agent to keep it like any other.
+/// The socket lookup the agent runs with `conn_lookup` (`BPF_PROG_TEST_RUN` of a cgroup skb
+/// program, never attached) for the connections it finds open at start where `/proc/net/tcp`
+/// hides the sockets' kernel addresses: the program looks the connection up by its addresses
+/// in the network namespace of the thread that runs it, and writes the socket's address into
+/// the `LOOKUP_FOUND` map, for the agent to keep it like any other.
 pub mod lookup {
     use super::LookupQuery;
 
     /// Where the [`LookupQuery`] starts in the test packet: after the 14-byte Ethernet header
     /// the kernel needs, at a multiple of 8.
     pub const AT: usize = 16;
+    /// Where the program finds it: the kernel hands a cgroup skb program the packet from its
+    /// network header on, past the Ethernet header.
+    pub const AT_NETWORK: usize = AT - 14;
     /// Length of the test packet.
     pub const PACKET_LEN: usize = AT + core::mem::size_of::<LookupQuery>();
-    /// Found: [`LookupQuery::sk`] holds the socket's address.
-    pub const FOUND: u32 = 0;
-    /// No connected socket with those addresses in this namespace.
-    pub const NOT_FOUND: u32 = 1;
-    /// The query could not be read or names neither `AF_INET` nor `AF_INET6`.
-    pub const BAD_QUERY: u32 = 2;
+    /// Found: the `LOOKUP_FOUND` map holds the socket's address. (A cgroup skb program may
+    /// return only 0 or 1.)
+    pub const FOUND: u32 = 1;
+    /// No connected socket with those addresses in this namespace, or a query that could not
+    /// be read or names neither `AF_INET` nor `AF_INET6`.
+    pub const NOT_FOUND: u32 = 0;
 }
 
 /// One connection to look up ([`lookup`]), seen as the packet that would reach it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LookupQuery {
-    /// Out: the socket's kernel address, when found.
+    /// Unused (0): the answer goes to the `LOOKUP_FOUND` map, as a cgroup skb program may
+    /// not write to its packet.
     pub sk: u64,
     /// `AF_INET` (an IPv4 tuple in the first 12 bytes of `tuple`) or `AF_INET6` (36 bytes).
     pub family: u16,

@@ -34,9 +34,11 @@
 //! - `conn_report`, run by the agent on demand (`BPF_PROG_TEST_RUN`), never attached: a
 //!   **report** record with a live connection's state, addresses and counters, from which the
 //!   agent makes the open of a long-lived connection and its periodic updates.
-//! - `conn_lookup`, a classifier run by the agent on demand, never attached: no record; it
-//!   finds the socket of a connection open before the agent started, by its addresses, so that
-//!   the agent can have reports written on it.
+//! - `conn_lookup`, a cgroup skb program run by the agent on demand, never attached: no
+//!   record; it finds the socket of a connection open before the agent started, by its
+//!   addresses, so that the agent can have reports written on it. (A cgroup skb program loads
+//!   with `CAP_BPF` alone; a classifier would need `CAP_NET_ADMIN`, which the shipped
+//!   capability set does not grant.)
 //!
 //! Each tracepoint program comes in two forms with the same logic: a raw tracepoint
 //! (`*_raw`, given the `TP_PROTO` arguments: the socket pointer and the states), which the
@@ -61,9 +63,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
-    macros::{classifier, fexit, map, raw_tracepoint, tracepoint},
+    macros::{cgroup_skb, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
-    programs::{FExitContext, RawTracePointContext, TcContext, TracePointContext},
+    programs::{FExitContext, RawTracePointContext, SkBuffContext, TracePointContext},
 };
 use edgeward_common::{
     COUNTERS_SPAN_MAX, Header, ListenRecord, LookupQuery, NO_OFFSET, Offsets, OwnerRecord,
@@ -94,6 +96,11 @@ mod scratch {
 /// Records the agent switches on while it needs them ([`wanted`]: non-zero = on).
 #[map]
 static WANTED: Array<u32> = Array::with_max_entries(wanted::LEN, 0);
+
+/// The answer of [`conn_lookup`]: the kernel address of the socket it found (valid when it
+/// returns [`lookup::FOUND`]). The agent runs one lookup at a time.
+#[map]
+static LOOKUP_FOUND: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Field offsets from the running kernel's BTF, set by the agent before load.
 #[unsafe(no_mangle)]
@@ -949,23 +956,23 @@ pub fn conn_report(ctx: *mut core::ffi::c_void) -> u32 {
 }
 
 /// Looks up a connection by its addresses in the network namespace of the thread that runs
-/// it, and writes the socket's kernel address into [`LookupQuery::sk`] of the test packet.
-/// Never attached: the agent runs it (`BPF_PROG_TEST_RUN`) for the connections it finds open
-/// at start without their socket's address. Returns a [`lookup`] code.
-#[classifier]
-pub fn conn_lookup(ctx: TcContext) -> i32 {
+/// it, and writes the socket's kernel address into [`LOOKUP_FOUND`]. Never attached: the
+/// agent runs it (`BPF_PROG_TEST_RUN`) for the connections it finds open at start without
+/// their socket's address. Returns a [`lookup`] code.
+#[cgroup_skb(ingress)]
+pub fn conn_lookup(ctx: SkBuffContext) -> i32 {
     lookup_socket(&ctx) as i32
 }
 
 #[inline(always)]
-fn lookup_socket(ctx: &TcContext) -> u32 {
-    let Ok(mut query) = ctx.load::<LookupQuery>(lookup::AT) else {
-        return lookup::BAD_QUERY;
+fn lookup_socket(ctx: &SkBuffContext) -> u32 {
+    let Ok(mut query) = ctx.load::<LookupQuery>(lookup::AT_NETWORK) else {
+        return lookup::NOT_FOUND;
     };
     let size = match query.family {
         AF_INET => 12,
         AF_INET6 => 36,
-        _ => return lookup::BAD_QUERY,
+        _ => return lookup::NOT_FOUND,
     };
     // SAFETY: `tuple` is a 40-byte buffer on the stack, larger than either tuple; the helper
     // takes a reference on the socket it returns, released below on every path.
@@ -985,7 +992,15 @@ fn lookup_socket(ctx: &TcContext) -> u32 {
     let (state, port) = unsafe { ((*sk).state, (*sk).src_port) };
     // A listener comes back when no connection has those addresses.
     let found = state != TCP_LISTEN as u32 && port == u32::from(query.local_port);
-    let written = found && ctx.store(lookup::AT, &(sk as u64), 0).is_ok();
+    let written = found
+        && match LOOKUP_FOUND.get_ptr_mut(0) {
+            // SAFETY: the map's only slot, a u64.
+            Some(slot) => {
+                unsafe { *slot = sk as u64 };
+                true
+            }
+            None => false,
+        };
     // SAFETY: the reference the lookup took.
     unsafe { generated::bpf_sk_release(sk as *mut _) };
     if written {
