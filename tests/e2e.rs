@@ -238,3 +238,69 @@ fn connections_flow_from_the_kernel_through_plugins_to_the_collector() {
         m.total() > 0.0
     });
 }
+
+/// A long-lived connection's bytes reach the metrics while it is still open, from its update
+/// events, and its close adds only what they had not counted.
+#[test]
+fn bytes_of_an_open_connection_are_counted_from_its_updates_and_only_once() {
+    const SENT: usize = 5000;
+    let sink = BlockingSink::start(SinkOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[otlp]\nendpoint = \"{}\"\nmetrics_interval = \"300ms\"\n\
+             metric_attributes = [\"network.peer.port\"]\n\n\
+             [probe]\nopen_delay = \"200ms\"\nupdate_interval = \"200ms\"\n",
+            sink.get().grpc_endpoint()
+        ),
+    )
+    .unwrap();
+    let agent = Agent::spawn(&["--config", config.to_str().unwrap()]);
+    let _log = LogOnFailure(&agent);
+    let status = agent.wait_status(Duration::from_secs(30), "the probe running", |s| {
+        s["probe"]["state"] != "starting"
+    });
+    assert_eq!(status["probe"]["state"], "running", "{status}");
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read");
+        got.len()
+    });
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.write_all(&[b'b'; SENT]).expect("write");
+    // This process's end, by its peer's port: what the peer acknowledged, while it is open.
+    let ours = [("network.peer.port", Value::Int(i64::from(port)))];
+    let sent = |m: &edgeward_otlp_sink::ReceivedMetric| m.point(&ours).map(|p| p.value as usize);
+    sink.wait_for_metric("edgeward.tcp.bytes_sent", Duration::from_secs(20), |m| {
+        sent(m) == Some(SENT)
+    });
+    let closed = |m: &edgeward_otlp_sink::ReceivedMetric| m.point(&ours).is_some();
+    assert!(
+        sink.get()
+            .metrics_named("edgeward.tcp.connections.closed")
+            .iter()
+            .all(|m| !closed(m)),
+        "counted from a close, not an update"
+    );
+
+    drop(client);
+    assert_eq!(server.join().unwrap(), SENT);
+    sink.wait_for_metric(
+        "edgeward.tcp.connections.closed",
+        Duration::from_secs(20),
+        closed,
+    );
+    // An export after the close's: its bytes once, not the update's and the close's.
+    let exports = sink.get().metrics_named("edgeward.tcp.bytes_sent").len();
+    support::wait_for(Duration::from_secs(10), "a later metrics export", || {
+        (sink.get().metrics_named("edgeward.tcp.bytes_sent").len() > exports).then_some(())
+    });
+    let last = sink.get().metrics_named("edgeward.tcp.bytes_sent");
+    assert_eq!(last.last().and_then(sent), Some(SENT), "{:?}", last.last());
+}

@@ -126,7 +126,8 @@ impl ExportHandle {
                     let span = spans::span(ev, self.shared.salt);
                     folded += metrics.record(ev, &span.attributes);
                     spans.push(span);
-                } else if ev.kind == EventKind::Open {
+                } else {
+                    // Opens count; updates add what their counters grew by since the last.
                     folded += metrics.record_event(ev);
                 }
             }

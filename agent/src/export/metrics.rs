@@ -6,7 +6,7 @@
 //! attribute is `otel.metric.overflow = true` (the OpenTelemetry SDK's convention), and the
 //! fold is counted in `edgeward.export.metric_overflow`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map::Entry};
 
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
@@ -46,19 +46,31 @@ const COUNTERS: [(&str, &str, &str); 5] = [
     (
         "edgeward.tcp.bytes_sent",
         "By",
-        "Bytes sent on closed connections",
+        "Bytes sent (acknowledged by the peer), counted at each update of an open connection and at its close",
     ),
     (
         "edgeward.tcp.bytes_received",
         "By",
-        "Bytes received on closed connections",
+        "Bytes received, counted at each update of an open connection and at its close",
     ),
     (
         "edgeward.tcp.retransmits",
         "{segment}",
-        "Segments retransmitted on closed connections",
+        "Segments retransmitted, counted at each update of an open connection and at its close",
     ),
 ];
+
+/// Open connections whose updates the byte and retransmit counters follow, at most. One that
+/// finds the table full is counted at its close alone.
+const MAX_FOLLOWED: usize = 1 << 16;
+
+/// What the counters have taken of an open connection's totals so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    bytes_sent: u64,
+    bytes_received: u64,
+    retransmits: u32,
+}
 const OPENED: usize = 0;
 const CLOSED: usize = 1;
 const BYTES_SENT: usize = 2;
@@ -157,6 +169,10 @@ pub struct ConnectionMetrics {
     counters: [Series<u64>; 5],
     rtt: Series<Hist>,
     duration: Series<Hist>,
+    /// By connection id, what its updates added to the counters: its close adds the rest.
+    /// A connection whose close never reaches the exporter (a plugin dropped it) stays until
+    /// the table is full; from then on new connections count at their close only.
+    followed: HashMap<u64, Counted, rustc_hash::FxBuildHasher>,
 }
 
 impl ConnectionMetrics {
@@ -169,14 +185,18 @@ impl ConnectionMetrics {
             counters: Default::default(),
             rtt: Series::default(),
             duration: Series::default(),
+            followed: HashMap::default(),
         }
     }
 
     /// Changes the attribute keys and the cap. Changing the keys starts the series afresh
-    /// (the old ones cannot be mapped onto new keys).
+    /// (the old ones cannot be mapped onto new keys); what open connections had counted stays
+    /// counted, so the new series start from now.
     pub fn reconfigure(&mut self, keys: &[String], max_series: usize) {
         if keys != self.keys.as_slice() {
+            let followed = std::mem::take(&mut self.followed);
             *self = ConnectionMetrics::new(keys.to_vec(), max_series);
+            self.followed = followed;
         } else {
             self.max_series = max_series.max(1);
         }
@@ -210,7 +230,42 @@ impl ConnectionMetrics {
             .collect()
     }
 
+    /// What `ev` adds to the byte and retransmit counters: its totals less what the
+    /// connection's earlier updates added. An update is counted only while the connection can
+    /// be followed (the table has room); a close ends the following.
+    fn not_yet_counted(&mut self, ev: &ConnectionEvent) -> Counted {
+        let now = Counted {
+            bytes_sent: ev.bytes_sent,
+            bytes_received: ev.bytes_received,
+            retransmits: ev.retransmits,
+        };
+        let full = self.followed.len() >= MAX_FOLLOWED;
+        let before = match ev.kind {
+            EventKind::Close => self.followed.remove(&ev.conn_id),
+            _ => match self.followed.entry(ev.conn_id) {
+                Entry::Occupied(mut counted) => Some(counted.insert(now)),
+                Entry::Vacant(slot) if !full => {
+                    slot.insert(now);
+                    None
+                }
+                // Not followed: its close counts it all.
+                Entry::Vacant(_) => return Counted::default(),
+            },
+        }
+        .unwrap_or_default();
+        // The kernel's counters only grow; saturating all the same.
+        Counted {
+            bytes_sent: now.bytes_sent.saturating_sub(before.bytes_sent),
+            bytes_received: now.bytes_received.saturating_sub(before.bytes_received),
+            retransmits: now.retransmits.saturating_sub(before.retransmits),
+        }
+    }
+
     fn record_keyed(&mut self, ev: &ConnectionEvent, key: SeriesKey) -> u64 {
+        let new = match ev.kind {
+            EventKind::Open => Counted::default(),
+            EventKind::Update | EventKind::Close => self.not_yet_counted(ev),
+        };
         let cap = self.max_series;
         let mut folded = 0;
         let mut add = |series: &mut Series<u64>, v: u64| {
@@ -220,12 +275,16 @@ impl ConnectionMetrics {
         };
         match ev.kind {
             EventKind::Open => add(&mut self.counters[OPENED], 1),
-            EventKind::Update => {}
+            EventKind::Update => {
+                add(&mut self.counters[BYTES_SENT], new.bytes_sent);
+                add(&mut self.counters[BYTES_RECEIVED], new.bytes_received);
+                add(&mut self.counters[RETRANSMITS], new.retransmits.into());
+            }
             EventKind::Close => {
                 add(&mut self.counters[CLOSED], 1);
-                add(&mut self.counters[BYTES_SENT], ev.bytes_sent);
-                add(&mut self.counters[BYTES_RECEIVED], ev.bytes_received);
-                add(&mut self.counters[RETRANSMITS], ev.retransmits.into());
+                add(&mut self.counters[BYTES_SENT], new.bytes_sent);
+                add(&mut self.counters[BYTES_RECEIVED], new.bytes_received);
+                add(&mut self.counters[RETRANSMITS], new.retransmits.into());
                 let (h, f) = self.rtt.slot(&key, cap);
                 h.record(RTT_BOUNDS, f64::from(ev.srtt_us) / 1e6);
                 folded += u64::from(f);
@@ -413,5 +472,45 @@ mod tests {
         assert_eq!(total, 5);
         // Two events folded, each touching 4 counters and 2 histograms.
         assert_eq!(folded, 2 * 6);
+    }
+
+    /// The totals of counter `i` over its series.
+    fn total(m: &ConnectionMetrics, i: usize) -> u64 {
+        m.counters[i].by_key.values().sum::<u64>() + m.counters[i].overflow.unwrap_or(0)
+    }
+
+    #[test]
+    fn updates_count_what_their_counters_grew_by_and_the_close_the_rest() {
+        let mut m = ConnectionMetrics::new(vec!["network.peer.port".into()], 10);
+        let at = |kind, conn_id, sent: u64, retransmits| {
+            let mut ev = spans::tests_support::event();
+            (ev.kind, ev.conn_id, ev.bytes_sent, ev.bytes_received) = (kind, conn_id, sent, 0);
+            ev.retransmits = retransmits;
+            ev
+        };
+        m.record_event(&at(EventKind::Open, 1, 0, 0));
+        m.record_event(&at(EventKind::Update, 1, 100, 1));
+        assert_eq!((total(&m, BYTES_SENT), total(&m, RETRANSMITS)), (100, 1));
+        m.record_event(&at(EventKind::Update, 1, 250, 1));
+        assert_eq!(total(&m, BYTES_SENT), 250);
+        // A change of keys starts new series; what was counted stays counted.
+        m.reconfigure(&["process.pid".to_owned()], 10);
+        let close = at(EventKind::Close, 1, 300, 2);
+        m.record(&close, &spans::attributes(&close));
+        assert_eq!((total(&m, BYTES_SENT), total(&m, RETRANSMITS)), (50, 1));
+        assert!(m.followed.is_empty());
+        // A close without updates counts it all.
+        let close = at(EventKind::Close, 2, 40, 0);
+        m.record(&close, &spans::attributes(&close));
+        assert_eq!(total(&m, BYTES_SENT), 90);
+        // With the table full an update is not followed, and its close counts it all.
+        for id in 0..MAX_FOLLOWED as u64 {
+            m.followed.insert(1000 + id, Counted::default());
+        }
+        m.record_event(&at(EventKind::Update, 3, 500, 0));
+        assert_eq!(total(&m, BYTES_SENT), 90);
+        let close = at(EventKind::Close, 3, 600, 0);
+        m.record(&close, &spans::attributes(&close));
+        assert_eq!(total(&m, BYTES_SENT), 690);
     }
 }
