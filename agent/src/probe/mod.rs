@@ -186,7 +186,7 @@ pub enum ProbeError {
     MissingMap(&'static str),
     /// The kernel refused a program (the verifier log is part of the message) or its
     /// attach point.
-    #[error("eBPF program `{program}` on {attach_point}: {source}")]
+    #[error("eBPF program `{program}` on {attach_point}: {source}{}", empty_log_note(.source))]
     Program {
         /// The program.
         program: &'static str,
@@ -204,6 +204,20 @@ pub enum ProbeError {
     /// The ring buffer could not be registered with the async runtime.
     #[error("polling the eBPF ring buffer: {0}")]
     Poll(std::io::Error),
+}
+
+/// What a program error needs added: aya ends a load error with the verifier's log, which is
+/// empty when the kernel refused the program before verifying it (a missing privilege, a
+/// security module), and would leave "Verifier output:" with nothing after it.
+fn empty_log_note(e: &ProgramError) -> &'static str {
+    match e {
+        ProgramError::LoadError { verifier_log, .. }
+            if verifier_log.to_string().trim().is_empty() =>
+        {
+            "(empty: the kernel refused the program before the verifier ran)"
+        }
+        _ => "",
+    }
 }
 
 /// The error and its sources on one line (aya's map and program errors keep the errno in
@@ -1395,6 +1409,29 @@ mod tests {
             },
             open_first: false,
         }
+    }
+
+    #[test]
+    fn a_load_error_says_when_the_verifier_never_ran() {
+        let load_error = |log: &str| ProbeError::Program {
+            program: "conn_accept",
+            attach_point: "fexit inet_csk_accept".to_owned(),
+            source: ProgramError::LoadError {
+                io_error: std::io::Error::from_raw_os_error(1),
+                verifier_log: aya_obj::VerifierLog::new(log.to_owned()),
+            },
+        };
+        let refused = error_chain(&load_error(""));
+        assert!(
+            refused.ends_with(
+                "Verifier output: (empty: the kernel refused the program before the verifier ran)"
+            ),
+            "{refused}"
+        );
+        assert!(refused.contains("Operation not permitted"), "{refused}");
+        let rejected = error_chain(&load_error("R1 invalid mem access 'scalar'\n"));
+        assert!(rejected.contains("R1 invalid mem access"), "{rejected}");
+        assert!(!rejected.contains("(empty"), "{rejected}");
     }
 
     #[test]
