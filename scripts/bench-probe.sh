@@ -30,7 +30,9 @@
 #
 # Phase 2, completeness: `probe_bench full` counts the close events of the generator's
 # connections, the ring-buffer drops, and the kernel's BPF run time of the probe's programs
-# (statistics enabled only while it runs), against the same from `probe_bench floor`.
+# (statistics enabled only while it runs), against the same from `probe_bench floor`, and
+# the kernel time of the same probe in its untyped raw-tracepoint form (`--untyped`), for what
+# the BTF-typed form saves.
 # Needs root. Prints figures for docs/PERFORMANCE.md "## Probe".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +87,7 @@ file == 3 {
 }
 file == 2 {
   m++; fbpf[m] = $3 / $2; pbpf[m] = $7 / $4; made += $4; act += $5; drops += $6
+  if ($9 > 0) ubpf[++mu] = $9 / $8
   if ($5 < $4) short++
 }
 END {
@@ -97,7 +100,9 @@ END {
   for (i = 1; i < n; i++) if (run[i] == run[i + 1]) adj[++na] = ag[i] / ((fl[i] + fl[i + 1]) / 2)
   if (na > 0) line("agent/floor, against the floor legs on either side:", adj, na, 0.97)
   printf "agent CPU: %.2f%% of one core at %.0f conn/s = %.2f%% per 10,000 conn/s (target <= 10%%); %.0f ns per connection (median); peak RSS %.1f MB (target <= 50)\n", cpu / n, aa / n, (cpu / n) / (aa / n / 10000), q(cpn, n, 0.5), rss / 1024
-  printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)\n", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
+  printf "phase 2: kernel BPF time per connection (both ends, all programs, with the run-time statistics overhead of ~55 ns per run): floor %.0f ns, probe %.0f ns (medians)", q(fbpf, m, 0.5), q(pbpf, m, 0.5)
+  if (mu > 0) printf "; the probe untyped (raw tracepoints) %.0f ns", q(ubpf, mu, 0.5)
+  printf "\n"
   printf "completeness: %d active-open closes reported for %d completed connections (%d rounds short); ring-buffer drops %d\n", act, made, short, drops
   if (nb > 0) {
     # B of round i runs two legs after agent leg i and four before agent leg i + 1.
@@ -241,7 +246,7 @@ for round in $(seq "$ROUNDS"); do
 done
 
 echo "phase 2: completeness and kernel time, $FULL_ROUNDS rounds of floor and full harness" >&2
-printf 'round floor_conns floor_bpf_ns full_conns active_closes ringbuf_drops full_bpf_ns\n' > "$work/full"
+printf 'round floor_conns floor_bpf_ns full_conns active_closes ringbuf_drops full_bpf_ns untyped_conns untyped_bpf_ns\n' > "$work/full"
 for round in $(seq "$FULL_ROUNDS"); do
   start_harness "$HARNESS" floor --stats
   fout=$(churn)
@@ -252,9 +257,14 @@ for round in $(seq "$FULL_ROUNDS"); do
   stop_harness
   result=$(tail -1 "$work/harness.out")
   echo "round $round: $out | $result" >&2
-  printf '%s %s %s %s %s %s %s\n' "$round" "$(made_of "$fout")" "$fns" "$(made_of "$out")" \
+  # The same probe in its untyped raw form, for the kernel time the typed form saves.
+  start_harness "$HARNESS" full "$NS_INODE" --untyped --stats
+  uout=$(churn)
+  stop_harness
+  uresult=$(tail -1 "$work/harness.out")
+  printf '%s %s %s %s %s %s %s %s %s\n' "$round" "$(made_of "$fout")" "$fns" "$(made_of "$out")" \
     "$(value_of active_closes "$result")" "$(value_of ring_buffer_full "$result")" \
-    "$(value_of bpf_ns "$result")" >> "$work/full"
+    "$(value_of bpf_ns "$result")" "$(made_of "$uout")" "$(value_of bpf_ns "$uresult")" >> "$work/full"
 done
 
 echo

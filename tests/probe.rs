@@ -195,6 +195,18 @@ fn classic_tracepoints_report_the_same_as_raw_ones() {
     known_traffic_with("::1", "::1", classic());
 }
 
+/// The untyped raw-tracepoint programs (what kernels that refuse BTF-typed tracepoints run):
+/// the same exact answers as the typed ones the default attaches, IPv4 and IPv6.
+#[test]
+fn untyped_raw_tracepoints_report_the_same_as_typed_ones() {
+    let untyped = || ProbeConfig {
+        typed_tracepoints: false,
+        ..ProbeConfig::default()
+    };
+    known_traffic_with("127.0.0.1", "127.0.0.1", untyped());
+    known_traffic_with("::1", "::1", untyped());
+}
+
 #[test]
 fn refused_and_reset_connections_carry_their_outcome() {
     let probe = RunningProbe::start(ProbeConfig::default());

@@ -7,7 +7,9 @@
 //! until stdin closes, then print one line of `key=value` results. With `--stats` (last
 //! argument) the kernel's BPF run-time statistics are on while the harness runs and the line
 //! has the programs' run time (`bpf_ns`); they cost every program run two clock reads, so
-//! throughput legs run without them.
+//! throughput legs run without them. `probe_bench full NETNS_INODE --untyped` attaches the
+//! probe's untyped raw tracepoints instead of the BTF-typed ones (`typed_tracepoints =
+//! false`), to compare the two forms in one run.
 
 use std::{io::Read as _, time::Duration};
 
@@ -43,6 +45,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let untyped = args.iter().any(|a| a == "--untyped");
+    args.retain(|a| a != "--untyped");
     match args.get(1).map(String::as_str) {
         Some("floor") => {
             let floor = FloorProbe::attach()?;
@@ -60,15 +64,15 @@ fn main() -> anyhow::Result<()> {
                 .get(2)
                 .and_then(|a| a.parse().ok())
                 .ok_or_else(|| anyhow::anyhow!("usage: probe_bench full NETNS_INODE"))?;
-            full(netns)
+            full(netns, !untyped)
         }
         _ => anyhow::bail!(
-            "usage: probe_bench floor [--stats] | probe_bench full NETNS_INODE [--stats]"
+            "usage: probe_bench floor [--stats] | probe_bench full NETNS_INODE [--untyped] [--stats]"
         ),
     }
 }
 
-fn full(netns: u32) -> anyhow::Result<()> {
+fn full(netns: u32, typed: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -76,7 +80,11 @@ fn full(netns: u32) -> anyhow::Result<()> {
     let status = StatusHandle::new("bench");
     let mut probe = {
         let _guard = rt.enter();
-        ProbeConfig::default().start(&status)?
+        ProbeConfig {
+            typed_tracepoints: typed,
+            ..ProbeConfig::default()
+        }
+        .start(&status)?
     };
     let mut rx = probe
         .take_events()

@@ -34,9 +34,12 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{FExit, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint},
+    programs::{
+        BtfTracePoint, FExit, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun,
+        TracePoint,
+    },
 };
 use edgeward_common::{NO_OFFSET, Offsets, counter, report, wanted};
 use prometheus_client::{
@@ -93,6 +96,10 @@ pub struct ProbeConfig {
     /// they read (the cheaper form); false attaches classic tracepoints, which read the
     /// formatted tracepoint record. Both report the same fields.
     pub raw_tracepoints: bool,
+    /// With raw tracepoints, attach their BTF-typed form (`tp_btf`) where the kernel allows it:
+    /// the same arguments, but the socket's fields are plain loads instead of a helper call
+    /// each. False keeps the untyped raw form. Both report the same fields.
+    pub typed_tracepoints: bool,
 }
 
 impl Default for ProbeConfig {
@@ -107,6 +114,7 @@ impl Default for ProbeConfig {
             enrichment_cache_size: 4_096,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             raw_tracepoints: true,
+            typed_tracepoints: true,
         }
     }
 }
@@ -170,6 +178,9 @@ pub enum ProbeError {
     /// The object could not be parsed or its maps created (often: no CAP_BPF).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
+    /// The kernel's BTF could not be read for typed tracepoints.
+    #[error("reading the kernel's BTF for typed tracepoints: {0}")]
+    Btf(String),
     /// A program is missing from the object.
     #[error("eBPF program `{0}` is missing from the embedded object")]
     MissingProgram(&'static str),
@@ -242,8 +253,10 @@ struct Hook {
     classic: &'static str,
     /// The same program in raw form (given the tracepoint's arguments).
     raw: &'static str,
-    /// The benchmark floor's counting programs for this tracepoint (classic, raw).
-    floor: (&'static str, &'static str),
+    /// The same program in BTF-typed form, where it has one (the raw form's arguments, typed).
+    typed: Option<&'static str>,
+    /// The benchmark floor's counting programs for this tracepoint (classic, raw, typed).
+    floor: (&'static str, &'static str, Option<&'static str>),
     category: &'static str,
     name: &'static str,
     /// What is lost without it; `None` = required.
@@ -253,7 +266,12 @@ struct Hook {
 const STATE_HOOK: Hook = Hook {
     classic: "conn_state",
     raw: "conn_state_raw",
-    floor: ("count_state_changes", "count_state_changes_raw"),
+    typed: Some("conn_state_typed"),
+    floor: (
+        "count_state_changes",
+        "count_state_changes_raw",
+        Some("count_state_changes_typed"),
+    ),
     category: "sock",
     name: "inet_sock_set_state",
     loses: None,
@@ -264,7 +282,8 @@ const STATE_HOOK: Hook = Hook {
 const RETRANSMIT_HOOK: Hook = Hook {
     classic: "conn_retransmit",
     raw: "conn_retransmit_raw",
-    floor: ("count_other", "count_other_raw"),
+    typed: None,
+    floor: ("count_other", "count_other_raw", None),
     category: "tcp",
     name: "tcp_retransmit_skb",
     loses: Some("retransmits (without BTF)"),
@@ -281,6 +300,10 @@ fn hooks(offsets: &Offsets) -> impl Iterator<Item = &'static Hook> {
 /// How the programs attach to their tracepoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
+    /// BTF-enabled tracepoints (`tp_btf`): the raw form's arguments, with the socket a typed
+    /// pointer whose fields the program loads directly. The cheapest form; needs BTF and a
+    /// kernel that lets tracing programs load. Hooks without a typed program attach raw.
+    Typed,
     /// Raw tracepoints: the kernel passes the tracepoint's arguments (the socket pointer)
     /// without formatting a record first. The cheaper form; needs the socket's address
     /// fields from BTF.
@@ -293,21 +316,40 @@ impl AttachMode {
     /// The cheapest form the offsets allow.
     pub fn for_offsets(offsets: &Offsets) -> Self {
         if offsets.has_sock_addresses() {
-            Self::Raw
+            Self::Typed
         } else {
             Self::Classic
         }
     }
 
-    fn program(self, hook: &Hook) -> &'static str {
+    /// The next form to try when this one cannot be loaded.
+    fn fallback(self) -> Option<Self> {
         match self {
+            Self::Typed => Some(Self::Raw),
+            Self::Raw => Some(Self::Classic),
+            Self::Classic => None,
+        }
+    }
+
+    /// The form `hook` is attached in: typed only where it has a typed program.
+    fn for_hook(self, hook: &Hook) -> Self {
+        match self {
+            Self::Typed if hook.typed.is_none() => Self::Raw,
+            mode => mode,
+        }
+    }
+
+    fn program(self, hook: &Hook) -> &'static str {
+        match self.for_hook(hook) {
+            Self::Typed => hook.typed.unwrap_or(hook.raw),
             Self::Raw => hook.raw,
             Self::Classic => hook.classic,
         }
     }
 
     fn floor(self, hook: &Hook) -> &'static str {
-        match self {
+        match self.for_hook(hook) {
+            Self::Typed => hook.floor.2.unwrap_or(hook.floor.1),
             Self::Raw => hook.floor.1,
             Self::Classic => hook.floor.0,
         }
@@ -316,6 +358,7 @@ impl AttachMode {
     /// As logs and docs name it.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Typed => "tp_btf",
             Self::Raw => "raw_tracepoint",
             Self::Classic => "tracepoint",
         }
@@ -489,20 +532,28 @@ impl ProbeConfig {
         // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
-        let mut mode = if self.raw_tracepoints {
-            AttachMode::for_offsets(&offsets)
-        } else {
-            AttachMode::Classic
+        let mut mode = match AttachMode::for_offsets(&offsets) {
+            _ if !self.raw_tracepoints => AttachMode::Classic,
+            AttachMode::Typed if !self.typed_tracepoints => AttachMode::Raw,
+            mode => mode,
         };
-        let attached = match self.load_and_attach(&offsets, mode) {
-            Err(e) if mode == AttachMode::Raw => {
-                tracing::warn!(error = %error_chain(&e), "raw tracepoints unavailable; attaching classic tracepoints");
-                mode = AttachMode::Classic;
-                self.load_and_attach(&offsets, mode)
+        let (mut ebpf, lost) = loop {
+            match self.load_and_attach(&offsets, mode) {
+                Err(e) if let Some(next) = mode.fallback() => {
+                    // Typed tracepoints are refused by kernels that allow no tracing programs
+                    // (some hardened ones); that costs some CPU, nothing of what is reported.
+                    let level_warn = mode != AttachMode::Typed;
+                    let e = error_chain(&e);
+                    if level_warn {
+                        tracing::warn!(error = %e, from = mode.as_str(), to = next.as_str(), "tracepoint form unavailable; trying the next");
+                    } else {
+                        tracing::info!(error = %e, from = mode.as_str(), to = next.as_str(), "tracepoint form unavailable; trying the next");
+                    }
+                    mode = next;
+                }
+                attached => break attached?,
             }
-            attached => attached,
         };
-        let (mut ebpf, lost) = attached?;
         for (e, loses) in lost {
             notes.push(e);
             missing.push(loses);
@@ -647,6 +698,7 @@ impl ProbeConfig {
         offsets: &Offsets,
         mode: AttachMode,
     ) -> Result<(Ebpf, Vec<(String, &'static str)>), ProbeError> {
+        let btf = self.btf_for(mode)?;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
@@ -655,7 +707,7 @@ impl ProbeConfig {
         for hook in hooks(offsets) {
             let program = mode.program(hook);
             match (
-                attach_tracepoint(&mut ebpf, mode, program, hook),
+                attach_tracepoint(&mut ebpf, mode, program, hook, btf.as_ref()),
                 hook.loses,
             ) {
                 (Ok(()), _) => {}
@@ -668,6 +720,16 @@ impl ProbeConfig {
         }
         Ok((ebpf, lost))
     }
+
+    /// The kernel's BTF, which typed tracepoints are loaded against; `None` for other forms.
+    fn btf_for(&self, mode: AttachMode) -> Result<Option<Btf>, ProbeError> {
+        if mode != AttachMode::Typed {
+            return Ok(None);
+        }
+        Btf::parse_file(&self.btf_path, Endianness::default())
+            .map(Some)
+            .map_err(|e| ProbeError::Btf(format!("{}: {e}", self.btf_path.display())))
+    }
 }
 
 /// Loads `program` (once) and attaches it to `hook`'s tracepoint in `mode`.
@@ -676,7 +738,9 @@ fn attach_tracepoint(
     mode: AttachMode,
     program: &'static str,
     hook: &Hook,
+    btf: Option<&Btf>,
 ) -> Result<(), ProbeError> {
+    let mode = mode.for_hook(hook);
     let (category, name) = (hook.category, hook.name);
     let err = |source| ProbeError::Program {
         program,
@@ -700,6 +764,14 @@ fn attach_tracepoint(
                 tp.load().map_err(err)?;
             }
             tp.attach(name).map_err(err)?;
+        }
+        AttachMode::Typed => {
+            let tp: &mut BtfTracePoint = prog.try_into().map_err(err)?;
+            if tp.fd().is_err() {
+                let btf = btf.ok_or_else(|| ProbeError::Btf("not read".to_owned()))?;
+                tp.load(name, btf).map_err(err)?;
+            }
+            tp.attach().map_err(err)?;
         }
     }
     Ok(())
@@ -854,14 +926,23 @@ impl FloorProbe {
         let offsets = btf::kernel_offsets(&ProbeConfig::default().btf_path)
             .map(|k| k.offsets)
             .unwrap_or(Offsets::UNKNOWN);
-        let mode = AttachMode::for_offsets(&offsets);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("OFFSETS", &offsets, true)
-            .load(PROGRAMS)?;
-        for hook in hooks(&offsets) {
-            attach_tracepoint(&mut ebpf, mode, mode.floor(hook), hook)?;
+        let config = ProbeConfig::default();
+        let mut mode = AttachMode::for_offsets(&offsets);
+        loop {
+            let attached = config.btf_for(mode).and_then(|btf| {
+                let mut ebpf = EbpfLoader::new()
+                    .override_global("OFFSETS", &offsets, true)
+                    .load(PROGRAMS)?;
+                for hook in hooks(&offsets) {
+                    attach_tracepoint(&mut ebpf, mode, mode.floor(hook), hook, btf.as_ref())?;
+                }
+                Ok(ebpf)
+            });
+            match attached {
+                Err(_) if let Some(next) = mode.fallback() => mode = next,
+                attached => return Ok(Self { ebpf: attached? }),
+            }
         }
-        Ok(Self { ebpf })
     }
 
     /// Run counts and kernel run time of its programs (zero unless the kernel's BPF

@@ -51,6 +51,11 @@
 //! fields (measured: one read of the 620-byte counter span beats five reads of a field each,
 //! and one 534-byte head beats three reads).
 //!
+//! Where the kernel allows tracing programs, `conn_state_typed` (`tp_btf`) replaces the raw
+//! form: the same arguments, with the socket a typed pointer, so that its fields are plain
+//! loads the verifier checks against BTF (the offsets are constants of the read-only
+//! `OFFSETS`) rather than a helper call each.
+//!
 //! Kernel struct field offsets come from the running kernel's BTF (global `OFFSETS`).
 #![no_std]
 #![no_main]
@@ -63,9 +68,11 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::{self, bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
-    macros::{cgroup_skb, fexit, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, cgroup_skb, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
-    programs::{FExitContext, RawTracePointContext, SkBuffContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FExitContext, RawTracePointContext, SkBuffContext, TracePointContext,
+    },
 };
 use edgeward_common::{
     COUNTERS_SPAN_MAX, Header, ListenRecord, LookupQuery, NO_OFFSET, Offsets, OwnerRecord,
@@ -368,30 +375,42 @@ fn counters_from_span(sk: u64, off: &Offsets) -> Option<(u32, u32, u64, u64, u32
     }
 }
 
-/// Writes the `tcp_sock` counters into a socket record: one read of the span that holds them,
-/// or each on its own when that span is not set.
-///
-/// # Safety
-/// `e` points at a reserved socket record.
+/// The `tcp_sock` counters `(srtt_us, mdev_us, bytes_acked, bytes_received, total_retrans)`
+/// of the socket at `sk`: one read of the span that holds them, or each on its own when that
+/// span is not set; `None` when they cannot all be read.
 #[inline(always)]
-unsafe fn counters(e: *mut SocketRecord, sk: u64) {
+fn read_counters(sk: u64) -> Option<(u32, u32, u64, u64, u32)> {
     let off = offsets();
+    if let Some(c) = counters_from_span(sk, off) {
+        return Some(c);
+    }
     // Every value is a defined zero until read: with `Option`s, LLVM may compute on the
     // payload of a `None` (whatever a register held) before selecting it away, which the
     // verifier rejects.
     let (mut srtt, mut mdev, mut acked, mut received, mut retrans) = (0u32, 0u32, 0u64, 0u64, 0u32);
-    let known;
-    if let Some(c) = counters_from_span(sk, off) {
-        (srtt, mdev, acked, received, retrans) = c;
-        known = true;
-    } else {
-        let have_srtt = read_into(sk, off.srtt_us, &mut srtt);
-        read_into(sk, off.mdev_us, &mut mdev);
-        let have_acked = read_into(sk, off.bytes_acked, &mut acked);
-        let have_received = read_into(sk, off.bytes_received, &mut received);
-        let have_retrans = read_into(sk, off.total_retrans, &mut retrans);
-        known = have_srtt && have_acked && have_received && have_retrans;
-    }
+    let have_srtt = read_into(sk, off.srtt_us, &mut srtt);
+    read_into(sk, off.mdev_us, &mut mdev);
+    let have_acked = read_into(sk, off.bytes_acked, &mut acked);
+    let have_received = read_into(sk, off.bytes_received, &mut received);
+    let have_retrans = read_into(sk, off.total_retrans, &mut retrans);
+    (have_srtt && have_acked && have_received && have_retrans)
+        .then_some((srtt, mdev, acked, received, retrans))
+}
+
+/// Writes the socket's `tcp_sock` counters into a socket record.
+///
+/// # Safety
+/// `e` points at a reserved socket record.
+#[inline(always)]
+unsafe fn counters<S: Source>(e: *mut SocketRecord, source: &S) {
+    let (mut srtt, mut mdev, mut acked, mut received, mut retrans) = (0u32, 0u32, 0u64, 0u64, 0u32);
+    let known = match source.counters() {
+        Some(c) => {
+            (srtt, mdev, acked, received, retrans) = c;
+            true
+        }
+        None => false,
+    };
     // SAFETY: `e` is a reserved record (the caller).
     unsafe {
         (*e).srtt_us = srtt >> 3;
@@ -428,6 +447,12 @@ trait Source {
     fn read<T: Copy>(&self, offset: u32, out: &mut T) -> bool;
     /// Reads the socket's head now, for the fields that follow to come from it (raw form).
     fn load_head(&self);
+    /// The socket's `tcp_sock` counters (see [`read_counters`]).
+    fn counters(&self) -> Option<(u32, u32, u64, u64, u32)>;
+    /// The inode number of the network namespace at `net`, a pointer read from the socket.
+    fn net_inum(&self, net: u64) -> Option<u32> {
+        net_inum(net)
+    }
 
     /// Reads the socket's head (raw form) and says whether the socket is TCP: the protocol
     /// then comes from the head too. For the records that go on to read the socket.
@@ -444,7 +469,7 @@ trait Source {
     fn write_netns(&self, netns: &mut u32, record_flags: &mut u16) {
         let mut net = 0u64;
         if self.read(offsets().sk_net, &mut net)
-            && let Some(ns) = net_inum(net)
+            && let Some(ns) = self.net_inum(net)
         {
             *netns = ns;
             *record_flags |= flags::NETNS;
@@ -498,6 +523,11 @@ impl Source for Record<'_> {
 
     #[inline(always)]
     fn load_head(&self) {}
+
+    #[inline(always)]
+    fn counters(&self) -> Option<(u32, u32, u64, u64, u32)> {
+        read_counters(self.sk)
+    }
 }
 
 /// The socket itself (raw tracepoints and `conn_report`): its head (`sock_common`, and further
@@ -628,6 +658,166 @@ impl Source for Sock {
     fn load_head(&self) {
         self.head();
     }
+
+    #[inline(always)]
+    fn counters(&self) -> Option<(u32, u32, u64, u64, u32)> {
+        read_counters(self.sk)
+    }
+}
+
+/// The socket as a BTF-enabled tracepoint (`tp_btf`) gives it: a typed `struct sock *`, whose
+/// fields are plain loads (the verifier checks each against the kernel's BTF, as the offsets
+/// are constants of the read-only `OFFSETS`, and the JIT makes them fault-tolerant) instead of
+/// a `bpf_probe_read_kernel` call each. The `tcp_sock` that holds the counters (and
+/// `inet_sport`, past the end of `struct sock`) comes from `bpf_skc_to_tcp_sock`, which also
+/// tells TCP from the rest.
+struct Typed {
+    sk: u64,
+    /// The `tcp_sock` (0: not one), once `asked`.
+    tcp: Cell<u64>,
+    asked: Cell<bool>,
+}
+
+impl Typed {
+    #[inline(always)]
+    fn new(sk: u64) -> Self {
+        Self {
+            sk,
+            tcp: Cell::new(0),
+            asked: Cell::new(false),
+        }
+    }
+
+    /// The socket as a `tcp_sock`, if it is one.
+    #[inline(always)]
+    fn tcp(&self) -> Option<u64> {
+        if !self.asked.get() {
+            // SAFETY: `sk` is the tracepoint's typed socket argument, as the helper needs.
+            let tp = unsafe { generated::bpf_skc_to_tcp_sock(self.sk as *mut _) } as u64;
+            self.tcp.set(tp);
+            self.asked.set(true);
+        }
+        let tp = self.tcp.get();
+        (tp != 0).then_some(tp)
+    }
+
+    /// The field of the `tcp_sock` at `offset` (a `sock` offset is one of `tcp_sock` too).
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: u32) -> Option<T> {
+        if offset == NO_OFFSET {
+            return None;
+        }
+        let tp = self.tcp()?;
+        // SAFETY: `tp` is a typed kernel pointer and `offset` a field of the struct from BTF;
+        // the verifier checks the access and the JIT-ed load cannot fault.
+        Some(unsafe { core::ptr::read((tp + offset as u64) as *const T) })
+    }
+
+    /// The 16-byte address at `offset`, as two 8-byte loads.
+    #[inline(always)]
+    fn addr(&self, offset: u32, dst: *mut [u8; 16]) {
+        if let (Some(lo), Some(hi)) = (self.get::<u64>(offset), self.get::<u64>(offset + 8)) {
+            let d = dst as *mut u64;
+            // SAFETY: `dst` is a field of an 8-aligned record at a multiple of 8.
+            unsafe {
+                *d = lo;
+                *d.add(1) = hi;
+            }
+        }
+    }
+}
+
+impl Source for Typed {
+    #[inline(always)]
+    unsafe fn socket(&self, e: *mut SocketRecord) -> i32 {
+        let off = offsets();
+        // SAFETY: `e` is a reserved record (the caller).
+        unsafe {
+            let state = self.get::<u8>(off.skc_state).map_or(-1, i32::from);
+            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
+            let Some(family) = self.get::<u16>(off.skc_family) else {
+                return state;
+            };
+            (*e).head.family = family;
+            if let Some(port) = self.get::<u16>(off.skc_dport) {
+                (*e).rport = u16::from_be(port);
+            }
+            if let Some(port) = self.get(off.skc_num) {
+                (*e).lport = port;
+            }
+            if family == AF_INET6 {
+                self.addr(off.skc_v6_rcv_saddr, &mut (*e).saddr);
+                self.addr(off.skc_v6_daddr, &mut (*e).daddr);
+            } else {
+                if let Some(addr) = self.get(off.skc_rcv_saddr) {
+                    v4_mapped(addr, &mut (*e).saddr);
+                }
+                if let Some(addr) = self.get(off.skc_daddr) {
+                    v4_mapped(addr, &mut (*e).daddr);
+                }
+            }
+            (*e).head.flags |= flags::ADDRESSES;
+            state
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn port(&self, e: *mut PortRecord) {
+        let off = offsets();
+        // SAFETY: `e` is a reserved record (the caller).
+        unsafe {
+            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
+            if let (Some(family), Some(port)) = (
+                self.get::<u16>(off.skc_family),
+                self.get::<u16>(off.skc_num),
+            ) {
+                (*e).head.family = family;
+                (*e).lport = port;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn is_tcp(&self) -> bool {
+        self.tcp().is_some()
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: u32, out: &mut T) -> bool {
+        match self.get(offset) {
+            Some(v) => {
+                *out = v;
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn load_head(&self) {}
+
+    #[inline(always)]
+    fn counters(&self) -> Option<(u32, u32, u64, u64, u32)> {
+        let off = offsets();
+        Some((
+            self.get(off.srtt_us)?,
+            self.get(off.mdev_us)?,
+            self.get(off.bytes_acked)?,
+            self.get(off.bytes_received)?,
+            self.get(off.total_retrans)?,
+        ))
+    }
+
+    #[inline(always)]
+    fn net_inum(&self, net: u64) -> Option<u32> {
+        let offset = offsets().net_inum;
+        if offset == NO_OFFSET || net == 0 {
+            return None;
+        }
+        // SAFETY: `net` was loaded from the socket's typed `sk_net`, so it is a typed pointer
+        // to `struct net` too; as in `get`.
+        Some(unsafe { core::ptr::read((net + offset as u64) as *const u32) })
+    }
 }
 
 /// The inode number of the network namespace at `net`.
@@ -684,6 +874,14 @@ pub fn count_other_raw(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The BTF-typed floor on `inet_sock_set_state`: counts every run, as [`conn_state_typed`]
+/// does.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn count_state_changes_typed(_ctx: BtfTracePointContext) -> i32 {
+    count(counter::STATE_CHANGES);
+    0
+}
+
 /// Whether the agent has switched on the records of `slot` ([`wanted`]).
 #[inline(always)]
 fn is_wanted(slot: u32) -> bool {
@@ -715,6 +913,18 @@ pub fn conn_state_raw(ctx: RawTracePointContext) -> i32 {
     let oldstate = ctx.arg::<u64>(raw_arg::OLDSTATE) as i32;
     let newstate = ctx.arg::<u64>(raw_arg::NEWSTATE) as i32;
     on_state_change(&Sock::new(sk), sk, oldstate, newstate);
+    0
+}
+
+/// The life cycle of every TCP connection, BTF-typed form (`tp_btf`): the arguments of the
+/// raw form, with the socket a typed pointer whose fields need no helper call to read.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn conn_state_typed(ctx: BtfTracePointContext) -> i32 {
+    count(counter::STATE_CHANGES);
+    let sk: u64 = ctx.arg(raw_arg::SK);
+    let oldstate = ctx.arg::<u64>(raw_arg::OLDSTATE) as i32;
+    let newstate = ctx.arg::<u64>(raw_arg::NEWSTATE) as i32;
+    on_state_change(&Typed::new(sk), sk, oldstate, newstate);
     0
 }
 
@@ -866,7 +1076,7 @@ fn write_socket<S: Source>(source: &S, sk: u64, record: u8, dir: u8, oldstate: i
         // A report gives the socket's current state, and its counters.
         if record == kind::REPORT {
             (*e).head.oldstate = state as u8;
-            counters(e, sk);
+            counters(e, source);
         }
     }
     submit(entry);
@@ -904,7 +1114,7 @@ fn write_close<S: Source>(source: &S, sk: u64, oldstate: i32) {
                 (*e).lport = u16::from_be(port);
             }
         }
-        counters(e, sk);
+        counters(e, source);
         if sk_err.known {
             (*e).sk_err = sk_err.value;
             (*e).head.flags |= flags::SK_ERR;
