@@ -498,12 +498,14 @@ impl Drop for Sysctl {
     }
 }
 
-/// An agent restart, every way the probe can find the sockets of connections in /proc:
-/// - their addresses where `/proc/net/tcp` shows them (`kernel.kptr_restrict` 1 with
-///   `CAP_SYSLOG`, which root has);
-/// - where it does not (2), by a lookup of their addresses in their network namespace: the
-///   agent's own, and another one that it enters;
-/// - without reports (no sweep), no lookup: held by their addresses, for an open and a close.
+/// An agent restart, every way the probe can find the sockets of connections open before it:
+/// - from the kernel's `held_sockets` iterator, which gives their addresses even where
+///   `/proc/net/tcp` hides them (`kernel.kptr_restrict` 2), in another network namespace;
+/// - from /proc alone (`socket_iterator = false`): their addresses where `/proc/net/tcp` shows
+///   them (`kptr_restrict` 1 with `CAP_SYSLOG`, which root has); where it does not (2), by a
+///   lookup of their addresses in their network namespace: the agent's own, and another one
+///   that it enters; without reports (no sweep), no lookup: held by their addresses, for an
+///   open and a close.
 ///
 /// One test, as the setting is global; it is put back as soon as the probe has started.
 #[test]
@@ -512,16 +514,21 @@ fn connections_open_before_the_probe_are_reported_once_per_end() {
         update_interval: Duration::from_millis(200),
         ..ProbeConfig::default()
     };
+    let proc_only = ProbeConfig {
+        socket_iterator: false,
+        ..updates.clone()
+    };
     let v4 = ("127.0.0.1", "127.0.0.1");
-    connections_open_before_the_probe("1", None, v4, &updates);
-    // The server end a dual-stack socket: IPv6, with v4-mapped addresses.
-    connections_open_before_the_probe("2", None, ("::", "127.0.0.1"), &updates);
     let ns = NetNs::new("adopt");
     connections_open_before_the_probe("2", Some(&ns), ("::1", "::1"), &updates);
+    connections_open_before_the_probe("1", None, v4, &proc_only);
+    // The server end a dual-stack socket: IPv6, with v4-mapped addresses.
+    connections_open_before_the_probe("2", None, ("::", "127.0.0.1"), &proc_only);
+    connections_open_before_the_probe("2", Some(&ns), ("::1", "::1"), &proc_only);
     let no_sweep = ProbeConfig {
         update_interval: Duration::ZERO,
         open_delay: Duration::ZERO,
-        ..ProbeConfig::default()
+        ..proc_only
     };
     connections_open_before_the_probe("2", None, v4, &no_sweep);
 }
@@ -820,23 +827,30 @@ fn agent_under_setpriv(args: &[&str], agent_args: &[&str]) -> (Agent, serde_json
 }
 
 /// The capability set the DaemonSet and the systemd unit grant (docs/operators.md): the probe
-/// runs, traces, and says what the start-up scan of /proc could not see (processes with more
-/// capabilities than the agent, as this test's own are). The executable link of such a process
-/// is refused too: its spans carry the process's name, not the name of the thread that made
-/// the connection. A connection open before the agent in its own network namespace has its
-/// socket looked up (the lookup program loads without `CAP_NET_ADMIN`), for updates.
+/// runs and traces. The executable link of a process with more capabilities than the agent
+/// (as this test's own are) is refused: its spans carry the process's name, not the name of
+/// the thread that made the connection. Connections open before the agent are found by the
+/// kernel's list of held sockets, which needs no `ptrace` access (`/proc/PID/fd` would): in
+/// its own network namespace and in another one (a pod's), with their owner, and reported
+/// with their bytes counted from their real start.
 #[test]
-fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_read() {
+fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_before() {
     let sink = support::otlp::BlockingSink::start(Default::default());
     let endpoint = sink.get().grpc_endpoint();
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
     let port = echo.port();
-    // Open before the agent starts; /proc/net/tcp shows no socket addresses here
-    // (kernel.kptr_restrict 0 hashes them; 1 hides them from an agent without CAP_SYSLOG).
-    let mut old_echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
-    let old_port = old_echo.port();
-    let mut old_pinger = Traffic::spawn(None, &["pinger", "127.0.0.1", &old_port.to_string()]);
-    assert_eq!(old_pinger.line(), "idle");
+    // Open before the agent starts, here and in a namespace of their own; 20 pings each.
+    let ns = NetNs::new("shipped");
+    let old: Vec<(Traffic, Traffic, u16)> = [None, Some(&ns)]
+        .into_iter()
+        .map(|netns| {
+            let mut echo = Traffic::spawn(netns, &["echo", "127.0.0.1"]);
+            let port = echo.port();
+            let mut pinger = Traffic::spawn(netns, &["pinger", "127.0.0.1", &port.to_string()]);
+            assert_eq!(pinger.line(), "idle");
+            (echo, pinger, port)
+        })
+        .collect();
     let (agent, status) = agent_under_setpriv(
         &["--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"],
         &["--otlp-endpoint", &endpoint],
@@ -868,16 +882,10 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_re
     drop(echo);
     assert_eq!(status["probe"]["state"], "running", "{status}");
     let missing = status["probe"]["missing_fields"].to_string();
-    assert!(missing.contains("CAP_SYS_PTRACE"), "{status}");
-    assert!(!missing.contains("socket lookup unavailable"), "{status}");
-    assert!(
-        agent.log().contains("looked up by address"),
-        "{}",
-        agent.log()
-    );
-    old_pinger.send_line("bye");
-    old_pinger.finish();
-    drop(old_echo);
+    assert!(!missing.contains("CAP_SYS_PTRACE"), "{status}");
+    assert!(!missing.contains("open before the probe"), "{status}");
+    let log = agent.log();
+    assert!(log.contains("kernel iterator"), "{log}");
     // The pinger's connection was made by its thread "ew-pinger"; the process is "ew-main".
     let pid = i64::from(pinger.pid());
     let spans = sink.wait_for_spans(1, WAIT, |s| {
@@ -890,6 +898,49 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_names_what_it_cannot_re
         "{}",
         spans[0].to_line()
     );
+    for (old_echo, mut old_pinger, old_port) in old {
+        old_pinger.send_line("poke");
+        assert_eq!(old_pinger.line(), "done");
+        old_pinger.send_line("bye");
+        let old_pid = old_pinger.pid();
+        old_pinger.finish();
+        for (pid, kind, name) in [
+            (old_pid, SpanKind::Client, "ew-pinger"),
+            (old_echo.pid(), SpanKind::Server, "ew-echo"),
+        ] {
+            let pid = i64::from(pid);
+            let spans = sink.wait_for_spans(1, WAIT, |s| {
+                s.attr("process.pid") == Some(&Value::Int(pid)) && s.kind == kind
+            });
+            let span = &spans[0];
+            let line = span.to_line();
+            assert_eq!(
+                span.attr("process.executable.name"),
+                Some(&Value::Str(name.into())),
+                "{line}"
+            );
+            assert_eq!(
+                span.attr("edgeward.tcp.started_before_probe"),
+                Some(&Value::Bool(true)),
+                "{line}"
+            );
+            let server_port = if kind == SpanKind::Client {
+                "network.peer.port"
+            } else {
+                "network.local.port"
+            };
+            assert_eq!(
+                span.attr(server_port),
+                Some(&Value::Int(old_port.into())),
+                "{line}"
+            );
+            // 21 pings and their echoes, counted by the kernel from the connection's start.
+            for key in ["edgeward.tcp.bytes_sent", "edgeward.tcp.bytes_received"] {
+                assert_eq!(span.attr(key), Some(&Value::Int(84)), "{key}: {line}");
+            }
+        }
+        drop(old_echo);
+    }
 }
 
 #[test]

@@ -96,6 +96,12 @@ const FIELDS: &[Field] = &[
     ),
     field!("sock", "__sk_common.skc_state", &[], skc_state),
     field!("inet_sock", "inet_sport", &[], inet_sport),
+    // The `held_sockets` iterator, which finds the sockets open before the probe without
+    // /proc's `ptrace` checks; without it the agent reads /proc.
+    field!("task_struct", "tgid", &[], task_tgid),
+    field!("file", "f_inode", &[], file_inode),
+    field!("inode", "i_ino", &[], inode_ino),
+    field!("socket", "sk", &[], socket_sk),
 ];
 
 /// Every field that needs BTF: what the probe lacks when there is none at all.

@@ -32,6 +32,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use edgeward_common::HeldSocket;
+
 use super::{
     decode::{TCP_CLOSE, TCP_LISTEN, TCP_NEW_SYN_RECV, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT},
     tracker::Owner,
@@ -82,7 +84,8 @@ pub struct Existing {
     /// Connections left out because there were more than the limit.
     pub over_limit: usize,
     /// Processes whose network namespace or sockets could not be read (not those that
-    /// exited during the walk).
+    /// exited during the walk); with the kernel's list of held sockets, network namespaces
+    /// whose tables no process holding their sockets shows.
     pub unreadable: usize,
     /// The first of those errors, with its path.
     pub unreadable_error: Option<String>,
@@ -96,52 +99,28 @@ const AF_INET6: u16 = 10;
 /// id). At most `limit` connection ends are returned. A socket held by several processes
 /// (inherited by forked workers) goes to the one with the lowest pid, usually the parent that
 /// opened it. Processes that vanish during the walk are skipped.
-pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
-    // Socket inode -> lowest pid holding it; network namespace -> one pid in it.
-    let mut holders: HashMap<u64, u32> = HashMap::new();
-    let mut namespaces: HashMap<u32, u32> = HashMap::new();
-    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
-    let (mut unreadable, mut unreadable_error) = (0, None);
-    let mut refused = |path: PathBuf, e: std::io::Error| {
-        // A process that exited during the walk is simply gone.
-        if e.kind() != std::io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ESRCH) {
-            unreadable += 1;
-            unreadable_error.get_or_insert_with(|| format!("{}: {e}", path.display()));
-        }
+///
+/// `held` is what the kernel's `held_sockets` iterator found, when it could run: every TCP
+/// socket a process holds, with its network namespace. It stands in for `/proc/PID/fd` and
+/// `/proc/PID/ns/net`, which take `ptrace` access; the namespaces' tables
+/// (`/proc/PID/net/tcp`) are open to all. Without it those links are read.
+pub fn scan(
+    proc_root: &Path,
+    cgroup_root: &Path,
+    limit: usize,
+    held: Option<&[HeldSocket]>,
+) -> Existing {
+    let sources = match held {
+        Some(held) => Sources::from_held(proc_root, held),
+        None => Sources::from_proc(proc_root),
     };
-    for &pid in &pids {
-        let dir = proc_root.join(pid.to_string());
-        let ns = dir.join("ns/net");
-        let netns = match link_number(&ns, "net") {
-            Ok(n) => n,
-            Err(e) => {
-                refused(ns, e);
-                continue;
-            }
-        };
-        let Some(netns) = netns.and_then(|n| u32::try_from(n).ok()) else {
-            continue;
-        };
-        namespaces.entry(netns).or_insert(pid);
-        let fds = match std::fs::read_dir(dir.join("fd")) {
-            Ok(fds) => fds,
-            Err(e) => {
-                refused(dir.join("fd"), e);
-                continue;
-            }
-        };
-        for fd in fds.flatten() {
-            if let Ok(Some(inode)) = link_number(&fd.path(), "socket") {
-                holders.entry(inode).or_insert(pid);
-            }
-        }
-    }
+    let Sources {
+        holders,
+        namespaces,
+        addresses,
+        unreadable,
+        unreadable_error,
+    } = sources;
     let mut owners: HashMap<u32, Option<Owner>> = HashMap::new();
     let mut owner = |pid: u32| {
         *owners
@@ -153,16 +132,7 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
         unreadable_error,
         ..Existing::default()
     };
-    let mut namespaces: Vec<(u32, u32)> = namespaces.into_iter().collect();
-    namespaces.sort_unstable();
-    for (netns, pid) in namespaces {
-        let mut rows = Vec::new();
-        for (table, family) in [("net/tcp", AF_INET), ("net/tcp6", AF_INET6)] {
-            let path = proc_root.join(pid.to_string()).join(table);
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                rows.extend(parse_rows(&text).map(|row| (family, row)));
-            }
-        }
+    for (netns, rows) in namespaces {
         let listening: HashSet<u16> = rows
             .iter()
             .filter(|(_, row)| row.state == TCP_LISTEN)
@@ -187,7 +157,8 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
                 TCP_SYN_RECV | TCP_NEW_SYN_RECV | TCP_TIME_WAIT | TCP_CLOSE => {}
                 _ if found.connections.len() >= limit => found.over_limit += 1,
                 _ => found.connections.push(Connection {
-                    sk: row.sk,
+                    // The iterator's address is the kernel's own; the table's may be hidden.
+                    sk: addresses.get(&row.inode).copied().or(row.sk),
                     inode: row.inode,
                     netns,
                     family,
@@ -205,6 +176,156 @@ pub fn scan(proc_root: &Path, cgroup_root: &Path, limit: usize) -> Existing {
         .sort_by_key(|l| (l.netns, l.port, l.owner.pid));
     found.listeners.dedup_by_key(|l| (l.netns, l.port));
     found
+}
+
+/// Who holds which socket, and each network namespace's TCP sockets.
+struct Sources {
+    /// Socket inode -> the lowest pid holding it.
+    holders: HashMap<u64, u32>,
+    /// Each network namespace's TCP table rows, by namespace inode (sorted).
+    namespaces: Vec<(u32, Vec<(u16, Row)>)>,
+    /// Socket inode -> the socket's kernel address, where known apart from the tables.
+    addresses: HashMap<u64, u64>,
+    /// Processes, or namespaces, whose sockets could not be read.
+    unreadable: usize,
+    /// The first of those errors.
+    unreadable_error: Option<String>,
+}
+
+/// The rows of the TCP tables (`net/tcp`, `net/tcp6`) of the namespace of process `pid`.
+fn tables(proc_root: &Path, pid: &str) -> Vec<(u16, Row)> {
+    let mut rows = Vec::new();
+    for (table, family) in [("net/tcp", AF_INET), ("net/tcp6", AF_INET6)] {
+        let path = proc_root.join(pid).join(table);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            rows.extend(parse_rows(&text).map(|row| (family, row)));
+        }
+    }
+    rows
+}
+
+/// How many processes holding sockets of a namespace are tried for its tables (a process
+/// may hold a socket of a namespace other than its own).
+const TABLE_TRIES: usize = 8;
+
+impl Sources {
+    /// From the iterator's sockets. A namespace's tables are those of a process holding one
+    /// of its sockets, checked to list that socket (a socket can be handed to a process of
+    /// another namespace); the agent's own namespace is read through the agent.
+    fn from_held(proc_root: &Path, held: &[HeldSocket]) -> Self {
+        let mut holders: HashMap<u64, u32> = HashMap::new();
+        let mut addresses = HashMap::new();
+        let mut by_namespace: HashMap<u32, (Vec<u32>, HashSet<u64>)> = HashMap::new();
+        for h in held {
+            let holder = holders.entry(h.inode).or_insert(h.tgid);
+            *holder = (*holder).min(h.tgid);
+            addresses.insert(h.inode, h.sk);
+            let (pids, inodes) = by_namespace.entry(h.netns).or_default();
+            pids.push(h.tgid);
+            inodes.insert(h.inode);
+        }
+        let own = link_number(&proc_root.join("self/ns/net"), "net")
+            .ok()
+            .flatten()
+            .and_then(|n| u32::try_from(n).ok());
+        let (mut unreadable, mut unreadable_error) = (0, None);
+        let mut namespaces = Vec::new();
+        if let Some(own) = own {
+            by_namespace.remove(&own);
+            namespaces.push((own, tables(proc_root, "self")));
+        }
+        for (netns, (mut pids, inodes)) in by_namespace {
+            pids.sort_unstable();
+            pids.dedup();
+            let rows = pids.iter().take(TABLE_TRIES).find_map(|pid| {
+                let rows = tables(proc_root, &pid.to_string());
+                rows.iter()
+                    .any(|(_, row)| inodes.contains(&row.inode))
+                    .then_some(rows)
+            });
+            match rows {
+                Some(rows) => namespaces.push((netns, rows)),
+                None => {
+                    unreadable += 1;
+                    unreadable_error.get_or_insert_with(|| {
+                        format!(
+                            "network namespace {netns}: no process holding its sockets (pids {pids:?}) lists them in its net/tcp"
+                        )
+                    });
+                }
+            }
+        }
+        namespaces.sort_unstable_by_key(|(netns, _)| *netns);
+        Self {
+            holders,
+            namespaces,
+            addresses,
+            unreadable,
+            unreadable_error,
+        }
+    }
+
+    /// From each process's `/proc/PID/ns/net` and `/proc/PID/fd`, where the agent may read
+    /// them.
+    fn from_proc(proc_root: &Path) -> Self {
+        // Socket inode -> lowest pid holding it; network namespace -> one pid in it.
+        let mut holders: HashMap<u64, u32> = HashMap::new();
+        let mut namespaces: HashMap<u32, u32> = HashMap::new();
+        let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        pids.sort_unstable();
+        let (mut unreadable, mut unreadable_error) = (0, None);
+        let mut refused = |path: PathBuf, e: std::io::Error| {
+            // A process that exited during the walk is simply gone.
+            if e.kind() != std::io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ESRCH) {
+                unreadable += 1;
+                unreadable_error.get_or_insert_with(|| format!("{}: {e}", path.display()));
+            }
+        };
+        for &pid in &pids {
+            let dir = proc_root.join(pid.to_string());
+            let ns = dir.join("ns/net");
+            let netns = match link_number(&ns, "net") {
+                Ok(n) => n,
+                Err(e) => {
+                    refused(ns, e);
+                    continue;
+                }
+            };
+            let Some(netns) = netns.and_then(|n| u32::try_from(n).ok()) else {
+                continue;
+            };
+            namespaces.entry(netns).or_insert(pid);
+            let fds = match std::fs::read_dir(dir.join("fd")) {
+                Ok(fds) => fds,
+                Err(e) => {
+                    refused(dir.join("fd"), e);
+                    continue;
+                }
+            };
+            for fd in fds.flatten() {
+                if let Ok(Some(inode)) = link_number(&fd.path(), "socket") {
+                    holders.entry(inode).or_insert(pid);
+                }
+            }
+        }
+        let mut namespaces: Vec<(u32, u32)> = namespaces.into_iter().collect();
+        namespaces.sort_unstable();
+        Self {
+            holders,
+            namespaces: namespaces
+                .into_iter()
+                .map(|(netns, pid)| (netns, tables(proc_root, &pid.to_string())))
+                .collect(),
+            addresses: HashMap::new(),
+            unreadable,
+            unreadable_error,
+        }
+    }
 }
 
 /// The owner record of process `pid`: its comm and cgroup v2 id (0 when the cgroup cannot be
@@ -351,12 +472,93 @@ mod tests {
         // 200: its namespace link cannot be read (as without ptrace access).
         std::fs::write(p("200/ns/net"), "").unwrap();
         // 300: exited during the walk.
-        let found = scan(proc.path(), proc.path(), 10);
+        let found = scan(proc.path(), proc.path(), 10, None);
         assert_eq!(found.listeners.len(), 1, "{found:#?}");
         assert_eq!(found.listeners[0].port, 8080);
         assert_eq!(found.unreadable, 1, "{found:#?}");
         let error = found.unreadable_error.unwrap();
         assert!(error.contains("200/ns/net"), "{error}");
+    }
+
+    #[test]
+    fn held_sockets_stand_in_for_the_links_proc_guards() {
+        let proc = tempfile::tempdir().unwrap();
+        let p = |rel: &str| proc.path().join(rel);
+        // Neither process's ns/net nor fd can be read (no such entries at all here); their
+        // namespaces' tables can. 100 and 200 share namespace 5; 300 holds a socket of
+        // namespace 7 but lives in another whose table does not list it; 400 is in 7.
+        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let row = |sl: u32, local: &str, remote: &str, state: &str, inode: u64| {
+            format!(
+                "   {sl}: {local} {remote} {state} 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0000000000000000 100 0 0 10 0\n"
+            )
+        };
+        let ns5 = format!(
+            "{head}{}{}{}",
+            row(0, "0100007F:1F90", "00000000:0000", "0A", 11),
+            row(1, "0100007F:1F90", "0100007F:C350", "01", 12),
+            row(2, "0100007F:C350", "0100007F:1F90", "01", 13),
+        );
+        let ns7 = format!(
+            "{head}{}",
+            row(0, "0A000001:0050", "0A000002:D000", "01", 21)
+        );
+        for (pid, table, comm) in [
+            ("100", ns5.as_str(), "server"),
+            ("200", ns5.as_str(), "client"),
+            ("300", head, "stray"),
+            ("400", ns7.as_str(), "pod"),
+        ] {
+            std::fs::create_dir_all(p(&format!("{pid}/net"))).unwrap();
+            std::fs::write(p(&format!("{pid}/net/tcp")), table).unwrap();
+            std::fs::write(p(&format!("{pid}/comm")), format!("{comm}\n")).unwrap();
+        }
+        let held = |sk: u64, inode: u64, tgid: u32, netns: u32| HeldSocket {
+            sk,
+            inode,
+            tgid,
+            netns,
+        };
+        let held = [
+            held(0xffff_0000_0000_0011, 11, 100, 5),
+            held(0xffff_0000_0000_0012, 12, 100, 5),
+            // Inherited by a forked worker: the lowest pid keeps it.
+            held(0xffff_0000_0000_0012, 12, 150, 5),
+            held(0xffff_0000_0000_0013, 13, 200, 5),
+            held(0xffff_0000_0000_0021, 21, 300, 7),
+            held(0xffff_0000_0000_0021, 21, 400, 7),
+        ];
+        let found = scan(proc.path(), proc.path(), 10, Some(&held));
+        assert_eq!((found.unreadable, found.over_limit), (0, 0), "{found:#?}");
+        assert_eq!(found.listeners.len(), 1, "{found:#?}");
+        assert_eq!(
+            (found.listeners[0].netns, found.listeners[0].owner.pid),
+            (5, 100)
+        );
+        let ends: Vec<_> = found
+            .connections
+            .iter()
+            .map(|c| (c.netns, c.inode, c.sk, c.passive, c.owner.map(|o| o.pid)))
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                (5, 12, Some(0xffff_0000_0000_0012), true, Some(100)),
+                (5, 13, Some(0xffff_0000_0000_0013), false, Some(200)),
+                (7, 21, Some(0xffff_0000_0000_0021), false, Some(300)),
+            ]
+        );
+        // A namespace none of whose holders shows it is counted, and named.
+        let found = scan(proc.path(), proc.path(), 10, Some(&held[4..5]));
+        assert_eq!(found.unreadable, 1, "{found:#?}");
+        assert!(
+            found
+                .unreadable_error
+                .as_deref()
+                .unwrap()
+                .contains("network namespace 7"),
+            "{found:#?}"
+        );
     }
 
     #[test]
@@ -445,6 +647,7 @@ mod tests {
             Path::new("/proc"),
             &super::super::enrich::cgroup2_root(),
             usize::MAX,
+            None,
         );
         let me = std::process::id();
         let netns = link_number(Path::new("/proc/self/ns/net"), "net")
@@ -472,7 +675,12 @@ mod tests {
             assert_eq!((c.family, c.local.0), (AF_INET, v4([127, 0, 0, 1])));
             assert!(!c.connecting);
         }
-        let limited = scan(Path::new("/proc"), &super::super::enrich::cgroup2_root(), 0);
+        let limited = scan(
+            Path::new("/proc"),
+            &super::super::enrich::cgroup2_root(),
+            0,
+            None,
+        );
         assert!(limited.connections.is_empty());
         assert!(limited.over_limit >= 2, "{limited:#?}");
         drop((client, server, listener));

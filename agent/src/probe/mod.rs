@@ -37,11 +37,11 @@ use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, FExit, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun,
+        BtfTracePoint, FExit, Iter, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun,
         TracePoint,
     },
 };
-use edgeward_common::{NO_OFFSET, Offsets, counter, report, wanted};
+use edgeward_common::{HeldSocket, NO_OFFSET, Offsets, counter, report, wanted};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -100,6 +100,10 @@ pub struct ProbeConfig {
     /// the same arguments, but the socket's fields are plain loads instead of a helper call
     /// each. False keeps the untyped raw form. Both report the same fields.
     pub typed_tracepoints: bool,
+    /// Find the sockets open before the probe with the kernel's `held_sockets` iterator
+    /// where it loads (every process and network namespace, without `ptrace` access); false
+    /// reads `/proc/PID/fd` and `/proc/PID/ns/net` instead.
+    pub socket_iterator: bool,
 }
 
 impl Default for ProbeConfig {
@@ -115,6 +119,7 @@ impl Default for ProbeConfig {
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             raw_tracepoints: true,
             typed_tracepoints: true,
+            socket_iterator: true,
         }
     }
 }
@@ -212,6 +217,9 @@ pub enum ProbeError {
         gone = report::GONE
     )]
     ReportCheck(u32),
+    /// The `held_sockets` iterator ran but its output could not be read.
+    #[error("reading the sockets held by processes (iterator `held_sockets`): {0}")]
+    Iter(String),
     /// The ring buffer could not be registered with the async runtime.
     #[error("polling the eBPF ring buffer: {0}")]
     Poll(std::io::Error),
@@ -381,6 +389,13 @@ const NO_UPDATES_BEFORE: &str =
 
 /// What is lost when the start-up scan of /proc may not read some processes.
 const UNREADABLE_PROCESSES: &str = "listeners and connections open before the probe in processes the agent may not read in /proc (CAP_SYS_PTRACE): passive opens on those listeners get an owner only at close; those connections are reported without their process in the agent's own network namespace, and not at all in namespaces where it can read no process";
+
+/// The iterator that lists the TCP sockets processes hold, at start.
+const HELD_SOCKETS_PROGRAM: &str = "held_sockets";
+
+/// What is lost when, with the kernel's list of held sockets, the TCP table of a network
+/// namespace could not be found in /proc.
+const UNREADABLE_NAMESPACES: &str = "connections open before the probe in network namespaces whose TCP table no process holding their sockets shows in /proc/PID/net/tcp";
 
 /// The program the sweep runs (`BPF_PROG_TEST_RUN`) to have a connection's report written:
 /// its addresses and handshake state before its open is announced, its counters for updates.
@@ -559,7 +574,8 @@ impl ProbeConfig {
             missing.push(loses);
         }
         let found_ns = decode::monotonic_ns();
-        let mut existing = scan_existing(self.max_connections as usize);
+        let held = self.held_sockets(&mut ebpf, &offsets);
+        let mut existing = scan_existing(self.max_connections as usize, held.as_deref());
         // The sweep has the kernel report on connections: a kernel that cannot run that
         // program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no
         // updates.
@@ -587,7 +603,11 @@ impl ProbeConfig {
         // and sockets it may not look up, hide only what was open before the probe; from now
         // on it sees everything.
         if existing.unreadable > 0 {
-            missing.push(UNREADABLE_PROCESSES);
+            missing.push(if held.is_some() {
+                UNREADABLE_NAMESPACES
+            } else {
+                UNREADABLE_PROCESSES
+            });
         }
         if lookup_lost.is_some() {
             missing.push(NO_UPDATES_BEFORE);
@@ -721,6 +741,61 @@ impl ProbeConfig {
         Ok((ebpf, lost))
     }
 
+    /// Every TCP socket a process holds, with its network namespace, from the
+    /// `held_sockets` iterator: what `/proc/PID/fd` and `/proc/PID/ns/net` say to a reader
+    /// with `ptrace` access to every process, which the agent usually lacks. `None` where the
+    /// kernel (BTF, iterators, tracing programs) does not allow it: then /proc is read.
+    fn held_sockets(&self, ebpf: &mut Ebpf, offsets: &Offsets) -> Option<Vec<HeldSocket>> {
+        if !self.socket_iterator {
+            return None;
+        }
+        if !offsets.has_held_sockets() {
+            tracing::info!(
+                "kernel BTF lacks the fields of the held-sockets iterator; reading /proc for the sockets open before the probe"
+            );
+            return None;
+        }
+        let started = std::time::Instant::now();
+        match self.run_held_sockets(ebpf) {
+            Ok(held) => {
+                tracing::debug!(sockets = held.len(), took = ?started.elapsed(), "sockets held by processes listed by the kernel");
+                Some(held)
+            }
+            Err(e) => {
+                tracing::info!(error = %error_chain(&e), "held-sockets iterator unavailable; reading /proc for the sockets open before the probe");
+                None
+            }
+        }
+    }
+
+    fn run_held_sockets(&self, ebpf: &mut Ebpf) -> Result<Vec<HeldSocket>, ProbeError> {
+        let err = |source| ProbeError::Program {
+            program: HELD_SOCKETS_PROGRAM,
+            attach_point: "iterator task_file".to_owned(),
+            source,
+        };
+        let btf = Btf::parse_file(&self.btf_path, Endianness::default())
+            .map_err(|e| ProbeError::Btf(format!("{}: {e}", self.btf_path.display())))?;
+        let prog: &mut Iter = ebpf
+            .program_mut(HELD_SOCKETS_PROGRAM)
+            .ok_or(ProbeError::MissingProgram(HELD_SOCKETS_PROGRAM))?
+            .try_into()
+            .map_err(err)?;
+        prog.load("task_file", &btf).map_err(err)?;
+        let link = prog.attach().map_err(err)?;
+        let mut file = prog
+            .take_link(link)
+            .map_err(err)?
+            .into_file()
+            .map_err(|e| ProbeError::Iter(e.to_string()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)
+            .map_err(|e| ProbeError::Iter(e.to_string()))?;
+        // The program is needed no more: its fd closes with it.
+        let _ = prog.unload();
+        Ok(held_records(&bytes))
+    }
+
     /// The kernel's BTF, which typed tracepoints are loaded against; `None` for other forms.
     fn btf_for(&self, mode: AttachMode) -> Result<Option<Btf>, ProbeError> {
         if mode != AttachMode::Typed {
@@ -780,14 +855,20 @@ fn attach_tracepoint(
 /// The listeners and connections open before the probe, from /proc (at most `limit`
 /// connection ends): the tracker attributes passive opens on those listeners from the
 /// handshake on, and adopts those connections.
-fn scan_existing(limit: usize) -> existing::Existing {
+fn scan_existing(limit: usize, held: Option<&[HeldSocket]>) -> existing::Existing {
     let found = existing::scan(
         std::path::Path::new("/proc"),
         &enrich::cgroup2_root(),
         limit,
+        held,
     );
     let with_address = found.connections.iter().filter(|c| c.sk.is_some()).count();
     tracing::info!(
+        source = if held.is_some() {
+            "kernel iterator and /proc/PID/net/tcp"
+        } else {
+            "/proc"
+        },
         listeners = found.listeners.len(),
         connections = found.connections.len(),
         with_socket_address = with_address,
@@ -800,7 +881,14 @@ fn scan_existing(limit: usize) -> existing::Existing {
              the probe looks the connections up by their addresses (docs/probe.md)"
         );
     }
-    if let Some(error) = &found.unreadable_error {
+    if let (Some(error), Some(_)) = (&found.unreadable_error, held) {
+        tracing::warn!(
+            namespaces = found.unreadable,
+            first = %error,
+            "cannot find the TCP table of some network namespaces in /proc: their connections \
+             open before the probe are unknown (docs/probe.md)"
+        );
+    } else if let Some(error) = &found.unreadable_error {
         tracing::warn!(
             processes = found.unreadable,
             first = %error,
@@ -819,6 +907,22 @@ fn scan_existing(limit: usize) -> existing::Existing {
         );
     }
     found
+}
+
+/// The records the `held_sockets` iterator wrote (`HeldSocket`, in the machine's byte
+/// order); a partial record at the end is dropped.
+fn held_records(bytes: &[u8]) -> Vec<HeldSocket> {
+    let u64_at = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap());
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().unwrap());
+    bytes
+        .chunks_exact(std::mem::size_of::<HeldSocket>())
+        .map(|b| HeldSocket {
+            sk: u64_at(b, 0),
+            inode: u64_at(b, 8),
+            tgid: u32_at(b, 16),
+            netns: u32_at(b, 20),
+        })
+        .collect()
 }
 
 /// Loads `conn_report` and runs it once on no connection, which it must answer "gone": the
@@ -1480,6 +1584,33 @@ impl Enrichment {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn held_socket_records_are_read_whole_and_a_torn_one_dropped() {
+        let mut bytes = Vec::new();
+        for (sk, inode, tgid, netns) in [
+            (0xffff_8880_0000_1000u64, 77u64, 42u32, 4_026_531_840u32),
+            (1, 2, 3, 4),
+        ] {
+            bytes.extend_from_slice(&sk.to_ne_bytes());
+            bytes.extend_from_slice(&inode.to_ne_bytes());
+            bytes.extend_from_slice(&tgid.to_ne_bytes());
+            bytes.extend_from_slice(&netns.to_ne_bytes());
+        }
+        bytes.extend_from_slice(&[9; 10]);
+        let held = super::held_records(&bytes);
+        assert_eq!(held.len(), 2);
+        assert_eq!(
+            held[0],
+            super::HeldSocket {
+                sk: 0xffff_8880_0000_1000,
+                inode: 77,
+                tgid: 42,
+                netns: 4_026_531_840
+            }
+        );
+        assert_eq!(held[1].netns, 4);
+    }
+
     use super::*;
 
     fn record(sk: u64) -> tracker::Record {

@@ -219,6 +219,14 @@ pub struct Offsets {
     /// field is unknown or lies further in. The raw-tracepoint programs read this head in one
     /// go and need it set; a field outside it they read on its own.
     pub sock_head_len: u32,
+    /// `task_struct.tgid` (pid_t): for the `held_sockets` iterator, as are the three below.
+    pub task_tgid: u32,
+    /// `file.f_inode` (pointer to `struct inode`).
+    pub file_inode: u32,
+    /// `inode.i_ino` (unsigned long).
+    pub inode_ino: u32,
+    /// `socket.sk` (pointer to `struct sock`).
+    pub socket_sk: u32,
     /// Padding.
     pub _pad: u32,
 }
@@ -256,6 +264,10 @@ impl Offsets {
         skc_state: NO_OFFSET,
         inet_sport: NO_OFFSET,
         sock_head_len: 0,
+        task_tgid: NO_OFFSET,
+        file_inode: NO_OFFSET,
+        inode_ino: NO_OFFSET,
+        socket_sk: NO_OFFSET,
         _pad: 0,
     };
 
@@ -298,6 +310,19 @@ impl Offsets {
     /// [`Offsets::set_sock_head`].
     pub const fn has_sock_addresses(&self) -> bool {
         self.sk_protocol != NO_OFFSET && self.sock_head_len != 0
+    }
+
+    /// Whether the `held_sockets` iterator can run: it needs the holder's tgid, the socket
+    /// file's inode, the socket, its protocol and family, and its network namespace.
+    pub const fn has_held_sockets(&self) -> bool {
+        self.task_tgid != NO_OFFSET
+            && self.file_inode != NO_OFFSET
+            && self.inode_ino != NO_OFFSET
+            && self.socket_sk != NO_OFFSET
+            && self.sk_protocol != NO_OFFSET
+            && self.skc_family != NO_OFFSET
+            && self.sk_net != NO_OFFSET
+            && self.net_inum != NO_OFFSET
     }
 
     /// Sets [`Offsets::counters_base`] and [`Offsets::counters_len`] from the counter
@@ -489,6 +514,22 @@ pub struct RawEvent {
     pub daddr: [u8; 16],
     /// `comm`.
     pub comm: [u8; 16],
+}
+
+/// One TCP socket a process holds (an open file of it), as the `held_sockets` iterator writes
+/// it: what `/proc/PID/fd` and `/proc/PID/ns/net` would say, read without the `ptrace` access
+/// those take.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldSocket {
+    /// Kernel address of the socket, as in [`Header::sk`].
+    pub sk: u64,
+    /// Inode number of the socket's file (`socket:[N]`).
+    pub inode: u64,
+    /// The process (thread group) holding it.
+    pub tgid: u32,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
 }
 
 #[cfg(feature = "user")]

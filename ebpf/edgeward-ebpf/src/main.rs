@@ -75,9 +75,9 @@ use aya_ebpf::{
     },
 };
 use edgeward_common::{
-    COUNTERS_SPAN_MAX, Header, ListenRecord, LookupQuery, NO_OFFSET, Offsets, OwnerRecord,
-    PortRecord, SOCK_HEAD_MAX, SocketRecord, counter, direction, flags, kind, lookup, report,
-    wanted,
+    COUNTERS_SPAN_MAX, Header, HeldSocket, ListenRecord, LookupQuery, NO_OFFSET, Offsets,
+    OwnerRecord, PortRecord, SOCK_HEAD_MAX, SocketRecord, counter, direction, flags, kind, lookup,
+    report, wanted,
 };
 
 /// Per-CPU event counters, indexed by [`edgeward_common::counter`].
@@ -1230,6 +1230,89 @@ pub fn conn_accept(ctx: FExitContext) -> i32 {
         write_owner(sk, kind::OWNER, 0);
     }
     0
+}
+
+/// The arguments of a `task_file` iterator program (`struct bpf_iter__task_file`): one 8-byte
+/// slot each, as for every tracing program.
+#[repr(C)]
+struct TaskFile {
+    /// `struct bpf_iter_meta *`, whose first field is the `seq_file` to write to.
+    meta: u64,
+    /// `struct task_struct *`, or null at the end.
+    task: u64,
+    /// The file descriptor.
+    _fd: u64,
+    /// `struct file *`, or null at the end.
+    file: u64,
+}
+
+/// The field of a typed kernel pointer at `offset` (constant to the verifier: it comes from
+/// the read-only `OFFSETS`); `None` when the offset is unknown.
+#[inline(always)]
+fn typed_field<T: Copy>(ptr: u64, offset: u32) -> Option<T> {
+    if offset == NO_OFFSET {
+        return None;
+    }
+    // SAFETY: `ptr` is a non-null typed pointer the verifier tracks (BTF) and `offset` a field
+    // of its struct from the kernel's BTF; the verifier checks the access and the JIT-ed load
+    // cannot fault.
+    Some(unsafe { core::ptr::read((ptr + offset as u64) as *const T) })
+}
+
+/// Every TCP socket held by a process, with the process and the socket's network namespace:
+/// an iterator (`iter/task_file`) the agent runs once at start, to find the listeners and
+/// connections open before the probe in every network namespace. `/proc/PID/fd` and
+/// `/proc/PID/ns/net` say the same, but only to a reader with `ptrace` access to the process.
+/// The kernel visits each process's files once (threads sharing the table are skipped).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn held_sockets(ctx: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: the kernel passes its iterator context, laid out as `TaskFile`.
+    unsafe { write_held_socket(&*(ctx as *const TaskFile)) };
+    0
+}
+
+#[inline(always)]
+unsafe fn write_held_socket(ctx: &TaskFile) -> Option<()> {
+    const IPPROTO_TCP: u16 = 6;
+    let off = offsets();
+    let (task, file) = (ctx.task, ctx.file);
+    if task == 0 || file == 0 {
+        return None;
+    }
+    // SAFETY: `file` is the iterator's non-null typed file.
+    let socket = unsafe { generated::bpf_sock_from_file(file as *mut _) } as u64;
+    if socket == 0 {
+        return None;
+    }
+    let sk: u64 = typed_field(socket, off.socket_sk)?;
+    if sk == 0
+        || typed_field::<u16>(sk, off.sk_protocol)? != IPPROTO_TCP
+        || !matches!(typed_field::<u16>(sk, off.skc_family)?, AF_INET | AF_INET6)
+    {
+        return None;
+    }
+    let net: u64 = typed_field(sk, off.sk_net)?;
+    let inode: u64 = typed_field(file, off.file_inode)?;
+    if net == 0 || inode == 0 {
+        return None;
+    }
+    let held = HeldSocket {
+        sk,
+        inode: typed_field(inode, off.inode_ino)?,
+        tgid: typed_field(task, off.task_tgid)?,
+        netns: typed_field(net, off.net_inum)?,
+    };
+    // SAFETY: `meta` is the iterator's typed metadata, whose first field is its `seq_file`.
+    unsafe {
+        let seq = core::ptr::read(ctx.meta as *const u64);
+        generated::bpf_seq_write(
+            seq as *mut _,
+            &held as *const HeldSocket as *const _,
+            core::mem::size_of::<HeldSocket>() as u32,
+        );
+    }
+    Some(())
 }
 
 #[cfg(not(test))]
