@@ -718,11 +718,14 @@ impl ProbeConfig {
         offsets: &Offsets,
         mode: AttachMode,
     ) -> Result<(Ebpf, Vec<(String, &'static str)>), ProbeError> {
-        let btf = self.btf_for(mode)?;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
             .load(PROGRAMS)?;
+        // Parsed after the object is loaded, whose temporaries are freed by then: the parsed
+        // BTF is the largest allocation of the agent's life, and the two at once set its peak
+        // RSS.
+        let btf = self.btf_for(mode)?;
         let mut lost = Vec::new();
         for hook in hooks(offsets) {
             let program = mode.program(hook);
