@@ -752,6 +752,15 @@ impl ProbeConfig {
         if !self.socket_iterator {
             return None;
         }
+        // The iterator names processes by their pid in the initial PID namespace, and the
+        // agent looks them up in its /proc: the two agree only in that namespace (the
+        // DaemonSet's hostPID, or a service on the host).
+        if !in_initial_pid_namespace() {
+            tracing::info!(
+                "the agent runs in a PID namespace of its own; reading /proc for the sockets open before the probe"
+            );
+            return None;
+        }
         if !offsets.has_held_sockets() {
             tracing::info!(
                 "kernel BTF lacks the fields of the held-sockets iterator; reading /proc for the sockets open before the probe"
@@ -910,6 +919,13 @@ fn scan_existing(limit: usize, held: Option<&[HeldSocket]>) -> existing::Existin
         );
     }
     found
+}
+
+/// Whether this process is in the initial PID namespace (whose inode number is fixed).
+fn in_initial_pid_namespace() -> bool {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    std::fs::metadata("/proc/self/ns/pid")
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == PROC_PID_INIT_INO)
 }
 
 /// The records the `held_sockets` iterator wrote (`HeldSocket`, in the machine's byte
@@ -1587,6 +1603,18 @@ impl Enrichment {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_tests_run_in_the_initial_pid_namespace() {
+        // As CI and the development machine do; in a container of its own this would fail,
+        // and the agent would read /proc instead of running the iterator.
+        let link = std::fs::read_link("/proc/self/ns/pid").unwrap();
+        assert_eq!(
+            super::in_initial_pid_namespace(),
+            link.to_str() == Some("pid:[4026531836]"),
+            "{link:?}"
+        );
+    }
+
     #[test]
     fn held_socket_records_are_read_whole_and_a_torn_one_dropped() {
         let mut bytes = Vec::new();
