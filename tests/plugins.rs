@@ -340,16 +340,18 @@ fn hot_swap_under_load_loses_and_duplicates_nothing() {
     let (mut host, rx, _status) = host_in(dir.path());
     let tagger = wasm("tagger");
     let generation = |g: i64| {
-        desired(vec![(
-            manifest(
-                "gen",
-                &tagger,
-                json!({"attributes": {"generation": g}}),
-                1,
-                FailurePolicy::FailOpen,
-            ),
-            tagger.clone(),
-        )])
+        let mut gen_manifest = manifest(
+            "gen",
+            &tagger,
+            json!({"attributes": {"generation": g}}),
+            1,
+            FailurePolicy::FailOpen,
+        );
+        // The most the agent allows: this test is about swaps losing nothing, and with the
+        // default 10 ms a swap's `init` was once refused as timed out on a busy two-core
+        // machine (the limit is wall-clock time).
+        gen_manifest.limits.batch_timeout = Duration::from_millis(100);
+        desired(vec![(gen_manifest, tagger.clone())])
     };
     host.apply(&generation(0)).unwrap();
 
