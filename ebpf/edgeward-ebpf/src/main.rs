@@ -665,6 +665,19 @@ impl Source for Sock {
     }
 }
 
+/// The field of a typed kernel pointer at `offset` (constant to the verifier: it comes from
+/// the read-only `OFFSETS`); `None` when the offset is unknown.
+#[inline(always)]
+fn typed_field<T: Copy>(ptr: u64, offset: u32) -> Option<T> {
+    if offset == NO_OFFSET {
+        return None;
+    }
+    // SAFETY: `ptr` is a non-null typed pointer the verifier tracks (BTF) and `offset` a field
+    // of its struct from the kernel's BTF; the verifier checks the access and the JIT-ed load
+    // cannot fault.
+    Some(unsafe { core::ptr::read((ptr + offset as u64) as *const T) })
+}
+
 /// The socket as a BTF-enabled tracepoint (`tp_btf`) gives it: a typed `struct sock *`, whose
 /// fields are plain loads (the verifier checks each against the kernel's BTF, as the offsets
 /// are constants of the read-only `OFFSETS`, and the JIT makes them fault-tolerant) instead of
@@ -707,10 +720,7 @@ impl Typed {
         if offset == NO_OFFSET {
             return None;
         }
-        let tp = self.tcp()?;
-        // SAFETY: `tp` is a typed kernel pointer and `offset` a field of the struct from BTF;
-        // the verifier checks the access and the JIT-ed load cannot fault.
-        Some(unsafe { core::ptr::read((tp + offset as u64) as *const T) })
+        typed_field(self.tcp()?, offset)
     }
 
     /// The 16-byte address at `offset`, as two 8-byte loads.
@@ -810,13 +820,11 @@ impl Source for Typed {
 
     #[inline(always)]
     fn net_inum(&self, net: u64) -> Option<u32> {
-        let offset = offsets().net_inum;
-        if offset == NO_OFFSET || net == 0 {
+        // `net` was loaded from the socket's typed `sk_net`: a typed pointer to `struct net`.
+        if net == 0 {
             return None;
         }
-        // SAFETY: `net` was loaded from the socket's typed `sk_net`, so it is a typed pointer
-        // to `struct net` too; as in `get`.
-        Some(unsafe { core::ptr::read((net + offset as u64) as *const u32) })
+        typed_field(net, offsets().net_inum)
     }
 }
 
@@ -1244,19 +1252,6 @@ struct TaskFile {
     _fd: u64,
     /// `struct file *`, or null at the end.
     file: u64,
-}
-
-/// The field of a typed kernel pointer at `offset` (constant to the verifier: it comes from
-/// the read-only `OFFSETS`); `None` when the offset is unknown.
-#[inline(always)]
-fn typed_field<T: Copy>(ptr: u64, offset: u32) -> Option<T> {
-    if offset == NO_OFFSET {
-        return None;
-    }
-    // SAFETY: `ptr` is a non-null typed pointer the verifier tracks (BTF) and `offset` a field
-    // of its struct from the kernel's BTF; the verifier checks the access and the JIT-ed load
-    // cannot fault.
-    Some(unsafe { core::ptr::read((ptr + offset as u64) as *const T) })
 }
 
 /// Every TCP socket held by a process, with the process and the socket's network namespace:
