@@ -183,8 +183,9 @@ pub enum ProbeError {
     /// The object could not be parsed or its maps created (often: no CAP_BPF).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    /// The kernel's BTF could not be read for typed tracepoints.
-    #[error("reading the kernel's BTF for typed tracepoints: {0}")]
+    /// The kernel's BTF could not be read (typed tracepoints and the held-sockets iterator
+    /// are loaded against it).
+    #[error("reading the kernel's BTF: {0}")]
     Btf(String),
     /// A program is missing from the object.
     #[error("eBPF program `{0}` is missing from the embedded object")]
@@ -552,7 +553,7 @@ impl ProbeConfig {
             AttachMode::Typed if !self.typed_tracepoints => AttachMode::Raw,
             mode => mode,
         };
-        let (mut ebpf, lost) = loop {
+        let (mut ebpf, lost, btf) = loop {
             match self.load_and_attach(&offsets, mode) {
                 Err(e) if let Some(next) = mode.fallback() => {
                     // Typed tracepoints are refused by kernels that allow no tracing programs
@@ -574,7 +575,7 @@ impl ProbeConfig {
             missing.push(loses);
         }
         let found_ns = decode::monotonic_ns();
-        let held = self.held_sockets(&mut ebpf, &offsets);
+        let held = self.held_sockets(&mut ebpf, &offsets, btf);
         let mut existing = scan_existing(self.max_connections as usize, held.as_deref());
         // The sweep has the kernel report on connections: a kernel that cannot run that
         // program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no
@@ -711,13 +712,14 @@ impl ProbeConfig {
     }
 
     /// Loads the programs and attaches them in `mode`. Returns the optional tracepoints that
-    /// failed, each with the error and what it costs.
+    /// failed, each with the error and what it costs, and the kernel's BTF when `mode` needed
+    /// it (for the held-sockets iterator, which needs it too).
     #[allow(clippy::type_complexity)]
     fn load_and_attach(
         &self,
         offsets: &Offsets,
         mode: AttachMode,
-    ) -> Result<(Ebpf, Vec<(String, &'static str)>), ProbeError> {
+    ) -> Result<(Ebpf, Vec<(String, &'static str)>, Option<Btf>), ProbeError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", offsets, true)
             .map_max_entries("EVENTS", self.ring_buffer_bytes)
@@ -741,14 +743,20 @@ impl ProbeConfig {
                 }
             }
         }
-        Ok((ebpf, lost))
+        Ok((ebpf, lost, btf))
     }
 
     /// Every TCP socket a process holds, with its network namespace, from the
     /// `held_sockets` iterator: what `/proc/PID/fd` and `/proc/PID/ns/net` say to a reader
     /// with `ptrace` access to every process, which the agent usually lacks. `None` where the
-    /// kernel (BTF, iterators, tracing programs) does not allow it: then /proc is read.
-    fn held_sockets(&self, ebpf: &mut Ebpf, offsets: &Offsets) -> Option<Vec<HeldSocket>> {
+    /// kernel (BTF, iterators, tracing programs) does not allow it: then /proc is read. `btf`
+    /// is the kernel's BTF if it was parsed already.
+    fn held_sockets(
+        &self,
+        ebpf: &mut Ebpf,
+        offsets: &Offsets,
+        btf: Option<Btf>,
+    ) -> Option<Vec<HeldSocket>> {
         if !self.socket_iterator {
             return None;
         }
@@ -768,7 +776,7 @@ impl ProbeConfig {
             return None;
         }
         let started = std::time::Instant::now();
-        match self.run_held_sockets(ebpf) {
+        match self.run_held_sockets(ebpf, btf) {
             Ok(held) => {
                 tracing::debug!(sockets = held.len(), took = ?started.elapsed(), "sockets held by processes listed by the kernel");
                 Some(held)
@@ -780,14 +788,20 @@ impl ProbeConfig {
         }
     }
 
-    fn run_held_sockets(&self, ebpf: &mut Ebpf) -> Result<Vec<HeldSocket>, ProbeError> {
+    fn run_held_sockets(
+        &self,
+        ebpf: &mut Ebpf,
+        btf: Option<Btf>,
+    ) -> Result<Vec<HeldSocket>, ProbeError> {
         let err = |source| ProbeError::Program {
             program: HELD_SOCKETS_PROGRAM,
             attach_point: "iterator task_file".to_owned(),
             source,
         };
-        let btf = Btf::parse_file(&self.btf_path, Endianness::default())
-            .map_err(|e| ProbeError::Btf(format!("{}: {e}", self.btf_path.display())))?;
+        let btf = match btf {
+            Some(btf) => btf,
+            None => self.parse_btf()?,
+        };
         let prog: &mut Iter = ebpf
             .program_mut(HELD_SOCKETS_PROGRAM)
             .ok_or(ProbeError::MissingProgram(HELD_SOCKETS_PROGRAM))?
@@ -813,8 +827,12 @@ impl ProbeConfig {
         if mode != AttachMode::Typed {
             return Ok(None);
         }
+        self.parse_btf().map(Some)
+    }
+
+    /// The kernel's BTF, parsed by aya (for loading programs against it).
+    fn parse_btf(&self) -> Result<Btf, ProbeError> {
         Btf::parse_file(&self.btf_path, Endianness::default())
-            .map(Some)
             .map_err(|e| ProbeError::Btf(format!("{}: {e}", self.btf_path.display())))
     }
 }
@@ -1603,13 +1621,15 @@ impl Enrichment {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_tests_run_in_the_initial_pid_namespace() {
         // As CI and the development machine do; in a container of its own this would fail,
         // and the agent would read /proc instead of running the iterator.
         let link = std::fs::read_link("/proc/self/ns/pid").unwrap();
         assert_eq!(
-            super::in_initial_pid_namespace(),
+            in_initial_pid_namespace(),
             link.to_str() == Some("pid:[4026531836]"),
             "{link:?}"
         );
@@ -1628,11 +1648,11 @@ mod tests {
             bytes.extend_from_slice(&netns.to_ne_bytes());
         }
         bytes.extend_from_slice(&[9; 10]);
-        let held = super::held_records(&bytes);
+        let held = held_records(&bytes);
         assert_eq!(held.len(), 2);
         assert_eq!(
             held[0],
-            super::HeldSocket {
+            HeldSocket {
                 sk: 0xffff_8880_0000_1000,
                 inode: 77,
                 tgid: 42,
@@ -1641,8 +1661,6 @@ mod tests {
         );
         assert_eq!(held[1].netns, 4);
     }
-
-    use super::*;
 
     fn record(sk: u64) -> tracker::Record {
         tracker::Record {
