@@ -22,7 +22,7 @@ use std::{
 use edgeward::{
     export::{ExportConfig, ExportTelemetry, Exporter, OtlpProtocol, spans::NodeIdentity},
     pipeline::{self, BatchPolicy},
-    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind},
+    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind, SmolStr},
     status::StatusHandle,
 };
 use edgeward_otlp_sink::{Sink, SinkOptions};
@@ -65,9 +65,9 @@ impl BatchPolicy for FlatBufferPolicy {
 }
 
 fn recorded_events(n: usize) -> Vec<ConnectionEvent> {
-    let comms: Vec<Arc<str>> = ["curl", "nginx", "envoy", "postgres", "java"]
+    let comms: Vec<SmolStr> = ["curl", "nginx", "envoy", "postgres", "java"]
         .iter()
-        .map(|s| Arc::from(*s))
+        .map(SmolStr::new)
         .collect();
     (0..n)
         .map(|i| {

@@ -18,7 +18,7 @@ use std::{
 
 use edgeward::{
     export::spans,
-    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind},
+    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind, SmolStr},
 };
 use opentelemetry::{
     KeyValue,
@@ -60,7 +60,7 @@ fn events(n: usize) -> Vec<ConnectionEvent> {
             peer: ([10, 1, (i / 250 % 250) as u8, (i % 250) as u8], 443).into(),
             pid: 1000,
             tgid: 1000,
-            comm: Arc::from("curl"),
+            comm: SmolStr::new("curl"),
             cgroup_id: 1,
             netns: 1,
             start_unix_nanos: 1_700_000_000_000_000_000 + i as u64,
@@ -72,7 +72,7 @@ fn events(n: usize) -> Vec<ConnectionEvent> {
             retransmits: 0,
             close_reason: CloseReason::Normal,
             started_before_probe: false,
-            executable: Some(Arc::from("curl")),
+            executable: Some(SmolStr::new("curl")),
             container_id: Some(Arc::from("4f1e3b0c9a8d7e6f5a4b3c2d1e0f9a8b")),
             pod_uid: None,
             edits: Vec::new(),

@@ -22,7 +22,7 @@ use edgeward::{
         FailurePolicy, ModuleLocation, PluginHost, PluginLimits, PluginManifest, PluginMetrics,
         PluginRuntime, PluginsConfig,
     },
-    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind},
+    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind, SmolStr},
     status::{ConfigSource, StatusHandle},
     sync::DesiredState,
 };
@@ -222,7 +222,7 @@ fn batch(first: u64) -> Vec<ConnectionEvent> {
                     .expect("addr"),
                 pid: 100,
                 tgid: 100,
-                comm: Arc::from("curl"),
+                comm: SmolStr::new("curl"),
                 cgroup_id: 1,
                 netns: 1,
                 start_unix_nanos: 1,
@@ -238,7 +238,7 @@ fn batch(first: u64) -> Vec<ConnectionEvent> {
                     CloseReason::Normal
                 },
                 started_before_probe: false,
-                executable: Some(Arc::from("/usr/bin/curl")),
+                executable: Some(SmolStr::new("/usr/bin/curl")),
                 container_id: None,
                 pod_uid: None,
                 edits: Vec::new(),

@@ -11,7 +11,9 @@ use std::{
 use edgeward::{
     export::{ExportConfig, ExportHandle, ExportTelemetry, Exporter, spans::NodeIdentity},
     pipeline::{self, BatchPolicy, PipelineInput},
-    probe::event::{AttrEdit, AttrValue, CloseReason, ConnectionEvent, Direction, EventKind},
+    probe::event::{
+        AttrEdit, AttrValue, CloseReason, ConnectionEvent, Direction, EventKind, SmolStr,
+    },
     status::{ConfigSource, StatusHandle},
     sync::DesiredState,
 };
@@ -134,7 +136,7 @@ pub fn event(kind: EventKind, direction: Direction, peer: &str) -> ConnectionEve
         peer: peer.parse::<SocketAddr>().unwrap(),
         pid: 4242,
         tgid: 4240,
-        comm: Arc::from("curl"),
+        comm: SmolStr::new("curl"),
         cgroup_id: 77,
         netns: 4026531840,
         start_unix_nanos: start,
@@ -154,7 +156,7 @@ pub fn event(kind: EventKind, direction: Direction, peer: &str) -> ConnectionEve
             CloseReason::Open
         },
         started_before_probe: false,
-        executable: Some(Arc::from("curl")),
+        executable: Some(SmolStr::new("curl")),
         container_id: Some(Arc::from("c0ffee")),
         pod_uid: None,
         edits: Vec::new(),

@@ -12,7 +12,7 @@ use std::{
 
 use edgeward::{
     plugins::{FailurePolicy, ModuleLocation, PluginLimits, PluginManifest},
-    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind},
+    probe::event::{CloseReason, ConnectionEvent, Direction, EventKind, SmolStr},
     status::ConfigSource,
     sync::DesiredState,
 };
@@ -144,7 +144,7 @@ pub fn event(id: u64, peer: &str) -> ConnectionEvent {
         peer,
         pid: 100,
         tgid: 100,
-        comm: Arc::from("curl"),
+        comm: SmolStr::new("curl"),
         cgroup_id: 1,
         netns: 4026531840,
         start_unix_nanos: 1_700_000_000_000_000_000,
@@ -156,7 +156,7 @@ pub fn event(id: u64, peer: &str) -> ConnectionEvent {
         retransmits: 0,
         close_reason: CloseReason::Normal,
         started_before_probe: false,
-        executable: Some(Arc::from("/usr/bin/curl")),
+        executable: Some(SmolStr::new("/usr/bin/curl")),
         container_id: None,
         pod_uid: None,
         edits: Vec::new(),

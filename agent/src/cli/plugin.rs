@@ -20,7 +20,9 @@ use crate::{
         FailurePolicy, ModuleLocation, PluginError, PluginInstance, PluginLimits, PluginManifest,
         PluginMetrics, PluginRuntime, manifest::BLOB_CHUNK_SIZE,
     },
-    probe::event::{AttrEdit, AttrValue, CloseReason, ConnectionEvent, Direction, EventKind},
+    probe::event::{
+        AttrEdit, AttrValue, CloseReason, ConnectionEvent, Direction, EventKind, SmolStr,
+    },
     status::AgentStatus,
 };
 
@@ -381,7 +383,7 @@ impl EventLine {
             peer: self.peer,
             pid: self.pid,
             tgid: self.tgid,
-            comm: Arc::from(self.comm),
+            comm: SmolStr::new(self.comm),
             cgroup_id: self.cgroup_id,
             netns: self.netns,
             start_unix_nanos: self.start_unix_nanos,
@@ -393,7 +395,7 @@ impl EventLine {
             retransmits: self.retransmits,
             close_reason,
             started_before_probe: self.started_before_probe,
-            executable: self.executable.map(Arc::from),
+            executable: self.executable.map(SmolStr::new),
             container_id: self.container_id.map(Arc::from),
             pod_uid: self.pod_uid.map(Arc::from),
             edits: Vec::new(),

@@ -295,7 +295,7 @@ pub fn arc(s: &str) -> Arc<str> {
 #[cfg(test)]
 pub(crate) mod tests_support {
     use super::*;
-    use crate::probe::event::{AttrEdit, AttrValue, CloseReason, EventKind};
+    use crate::probe::event::{AttrEdit, AttrValue, CloseReason, EventKind, SmolStr};
 
     /// A closed, reset client connection with three plugin edits.
     pub(crate) fn event() -> ConnectionEvent {
@@ -307,7 +307,7 @@ pub(crate) mod tests_support {
             peer: "10.0.0.2:443".parse().unwrap(),
             pid: 100,
             tgid: 99,
-            comm: arc("curl"),
+            comm: SmolStr::new("curl"),
             cgroup_id: 1,
             netns: 2,
             start_unix_nanos: 1_000_000_000,

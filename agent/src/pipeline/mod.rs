@@ -176,6 +176,17 @@ fn take(
     mut flush: impl FnMut(&mut Vec<ConnectionEvent>),
 ) -> bool {
     let size = size.max(1);
+    // The common case, a batch arriving while none is pending: keep the sender's vector
+    // rather than move every event (a few hundred bytes each) into ours.
+    if batch.is_empty() && events.len() <= size {
+        std::mem::swap(batch, &mut events);
+        rx.recycle(events);
+        if batch.len() < size {
+            return false;
+        }
+        flush(batch);
+        return true;
+    }
     let mut flushed = false;
     let mut incoming = events.drain(..);
     loop {

@@ -1,15 +1,12 @@
 //! Turns the kernel's ring buffer records into [`ConnectionEvent`]s (before enrichment).
 
-use std::{
-    net::{Ipv6Addr, SocketAddr},
-    sync::Arc,
-};
+use std::net::{Ipv6Addr, SocketAddr};
 
 use edgeward_common::{
     Header, ListenRecord, OwnerRecord, PortRecord, RawEvent, SocketRecord, direction, flags, kind,
 };
 
-use super::event::{CloseReason, ConnectionEvent, Direction, EventKind};
+use super::event::{CloseReason, ConnectionEvent, Direction, EventKind, SmolStr};
 
 // TCP states (`include/net/tcp_states.h`), as the records and /proc/net/tcp give them.
 pub(crate) const TCP_ESTABLISHED: u8 = 1;
@@ -197,9 +194,14 @@ fn address(bytes: [u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(Ipv6Addr::from(bytes).to_canonical(), port)
 }
 
-fn comm(raw: &[u8; 16]) -> Arc<str> {
+fn comm(raw: &[u8; 16]) -> SmolStr {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    Arc::from(String::from_utf8_lossy(&raw[..end]))
+    match std::str::from_utf8(&raw[..end]) {
+        // At most 16 bytes: always inline. (`SmolStr::new` would first look for a run of
+        // whitespace it can share, a tenth of the agent's time under churn.)
+        Ok(name) => SmolStr::new_inline(name),
+        Err(_) => SmolStr::new(String::from_utf8_lossy(&raw[..end])),
+    }
 }
 
 /// A per-boot unique id from the socket address and its start time (a socket address is
@@ -256,35 +258,9 @@ fn payload_bytes(raw: &RawEvent) -> (u64, u64) {
     )
 }
 
-/// The last few `comm` names decoded, so that the events of the same processes share one
-/// string instead of allocating one each (under churn most events come from a handful of
-/// processes).
-#[derive(Debug, Default)]
-pub struct Comms {
-    slots: [Option<([u8; 16], Arc<str>)>; 8],
-    next: usize,
-}
-
-impl Comms {
-    /// The name in `raw` (up to the first NUL), shared with earlier events of the same name.
-    pub fn get(&mut self, raw: &[u8; 16]) -> Arc<str> {
-        if let Some((_, name)) = self.slots.iter().flatten().find(|(k, _)| k == raw) {
-            return name.clone();
-        }
-        let name = comm(raw);
-        self.slots[self.next] = Some((*raw, name.clone()));
-        self.next = (self.next + 1) % self.slots.len();
-        name
-    }
-}
-
 /// Decodes one record. `flags` of the record says which fields the kernel could fill in;
-/// absent ones are zero. Process names are shared through `comms`.
-pub fn decode(
-    raw: &RawEvent,
-    clock: Clock,
-    comms: &mut Comms,
-) -> Result<ConnectionEvent, DecodeError> {
+/// absent ones are zero.
+pub fn decode(raw: &RawEvent, clock: Clock) -> Result<ConnectionEvent, DecodeError> {
     let unknown = || DecodeError::Unknown {
         kind: raw.kind,
         direction: raw.direction,
@@ -314,7 +290,7 @@ pub fn decode(
         peer: address(raw.daddr, raw.rport),
         pid: if process { raw.pid } else { 0 },
         tgid: if process { raw.tgid } else { 0 },
-        comm: comms.get(if process { &raw.comm } else { &[0; 16] }),
+        comm: comm(if process { &raw.comm } else { &[0; 16] }),
         cgroup_id: if process { raw.cgroup_id } else { 0 },
         netns: raw.netns,
         start_unix_nanos: clock.unix(raw.start_ns),
@@ -375,7 +351,7 @@ mod tests {
 
     #[test]
     fn v4_mapped_addresses_become_ipv4() {
-        let ev = decode(&raw(), Clock::with_offset(1_000_000), &mut Comms::default()).unwrap();
+        let ev = decode(&raw(), Clock::with_offset(1_000_000)).unwrap();
         assert_eq!(ev.local, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(ev.peer, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(&*ev.comm, "curl");
@@ -387,25 +363,20 @@ mod tests {
     #[test]
     fn sequence_space_is_not_payload() {
         // Active open closed from LAST_ACK: SYN and FIN acked, peer FIN received.
-        let ev = decode(&raw(), Clock::with_offset(0), &mut Comms::default()).unwrap();
-        let mut comms = Comms::default();
-        let a = decode(&raw(), Clock::with_offset(0), &mut comms).unwrap();
-        let b = decode(&raw(), Clock::with_offset(0), &mut comms).unwrap();
-        assert!(Arc::ptr_eq(&a.comm, &b.comm), "one string for one name");
-        assert_eq!(a, ev);
+        let ev = decode(&raw(), Clock::with_offset(0)).unwrap();
         assert_eq!((ev.bytes_sent, ev.bytes_received), (98, 199));
         // Passive side that closed first (FIN_WAIT2 -> TIME_WAIT): FIN each way, no SYN.
         let mut r = raw();
         r.direction = direction::PASSIVE;
         r.oldstate = 5;
-        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
         assert_eq!((ev.bytes_sent, ev.bytes_received), (99, 199));
         // Open event of an active open: only the SYN.
         r.direction = direction::ACTIVE;
         r.kind = kind::OPEN;
         r.bytes_acked = 1;
         r.bytes_received = 0;
-        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
         assert_eq!((ev.bytes_sent, ev.bytes_received), (0, 0));
     }
 
@@ -414,7 +385,7 @@ mod tests {
         let mut r = raw();
         r.family = 10;
         r.saddr = Ipv6Addr::LOCALHOST.octets();
-        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
         assert_eq!(ev.local, "[::1]:40000".parse().unwrap());
     }
 
@@ -434,8 +405,24 @@ mod tests {
     fn unattributed_records_carry_no_process() {
         let mut r = raw();
         r.flags = 0;
-        let ev = decode(&r, Clock::with_offset(0), &mut Comms::default()).unwrap();
+        let ev = decode(&r, Clock::with_offset(0)).unwrap();
         assert_eq!((ev.pid, ev.tgid, &*ev.comm, ev.cgroup_id), (0, 0, "", 0));
+    }
+
+    #[test]
+    fn process_names_are_read_to_the_first_nul_and_kept_when_not_utf8() {
+        let mut r = raw();
+        r.comm = *b"fifteen-bytes-x\0";
+        assert_eq!(
+            decode(&r, Clock::with_offset(0)).unwrap().comm,
+            "fifteen-bytes-x"
+        );
+        // `comm` is bytes to the kernel (prctl PR_SET_NAME takes any): shown, not refused.
+        r.comm = *b"w\xffrker\0\0\0\0\0\0\0\0\0\0";
+        assert_eq!(
+            decode(&r, Clock::with_offset(0)).unwrap().comm,
+            "w\u{fffd}rker"
+        );
     }
 
     #[test]
@@ -443,7 +430,7 @@ mod tests {
         assert_eq!(read_raw(&[0; 8]).unwrap_err(), DecodeError::Short(8));
         let mut r = raw();
         r.kind = 9;
-        assert!(decode(&r, Clock::with_offset(0), &mut Comms::default()).is_err());
+        assert!(decode(&r, Clock::with_offset(0)).is_err());
     }
 
     #[test]

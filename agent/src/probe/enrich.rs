@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use super::event::ConnectionEvent;
+use super::event::{ConnectionEvent, SmolStr};
 
 /// A map that holds at most `capacity` entries and forgets the oldest inserted first.
 #[derive(Debug)]
@@ -120,7 +120,7 @@ pub fn parse_cgroup_path(path: &str) -> CgroupInfo {
 pub struct Enricher {
     proc_root: PathBuf,
     cgroup_root: PathBuf,
-    executables: BoundedCache<(u32, Arc<str>), Option<Arc<str>>>,
+    executables: BoundedCache<(u32, SmolStr), Option<SmolStr>>,
     cgroups: BoundedCache<u64, CgroupInfo>,
     /// Reads of `/proc/PID/exe` so far.
     exe_reads: u64,
@@ -160,7 +160,7 @@ impl Enricher {
         }
     }
 
-    fn executable(&mut self, tgid: u32, comm: &Arc<str>) -> Option<Arc<str>> {
+    fn executable(&mut self, tgid: u32, comm: &SmolStr) -> Option<SmolStr> {
         // Keyed with comm too, so a reused pid running something else is looked up again.
         let key = (tgid, comm.clone());
         if let Some(hit) = self.executables.get(&key) {
@@ -170,7 +170,7 @@ impl Enricher {
         let exe = match std::fs::read_link(self.proc_root.join(tgid.to_string()).join("exe")) {
             Ok(path) => path
                 .file_name()
-                .map(|n| Arc::from(n.to_string_lossy().trim_end_matches(" (deleted)"))),
+                .map(|n| SmolStr::new(n.to_string_lossy().trim_end_matches(" (deleted)"))),
             // The process has exited (or is a kernel thread): not cached, so that a reused pid
             // with the same comm is looked up again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -185,7 +185,7 @@ impl Enricher {
                 Ok(name) => {
                     let name = String::from_utf8_lossy(&name);
                     let name = name.trim_end_matches('\n');
-                    (!name.is_empty()).then(|| Arc::from(name))
+                    (!name.is_empty()).then(|| SmolStr::new(name))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
                 Err(_) => None,
@@ -355,7 +355,7 @@ mod tests {
     #[test]
     fn executables_refused_fall_back_to_the_process_name_and_are_cached() {
         let proc_root = tempfile::tempdir().unwrap();
-        let comm: Arc<str> = Arc::from("server");
+        let comm = SmolStr::new("server");
         // Found: cached.
         let found = proc_root.path().join("10");
         std::fs::create_dir(&found).unwrap();

@@ -6,6 +6,10 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+/// The type of process names in events: inline up to 23 bytes (every `comm`, and most
+/// executable names), so that copying an event or dropping one touches no shared counter.
+pub use smol_str::SmolStr;
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -103,7 +107,7 @@ pub struct ConnectionEvent {
     /// Process id (thread group id) of that thread.
     pub tgid: u32,
     /// The task's command name (`comm`, at most 15 bytes).
-    pub comm: Arc<str>,
+    pub comm: SmolStr,
     /// cgroup v2 id of the task.
     pub cgroup_id: u64,
     /// Inode number of the socket's network namespace.
@@ -131,7 +135,7 @@ pub struct ConnectionEvent {
     /// Executable name of the process (enrichment: the basename of `/proc/TGID/exe`, or the
     /// process's name from `/proc/TGID/comm` where that link may not be read; `None` when
     /// unknown).
-    pub executable: Option<Arc<str>>,
+    pub executable: Option<SmolStr>,
     /// Container id from the cgroup path (enrichment).
     pub container_id: Option<Arc<str>>,
     /// Kubernetes pod UID from the cgroup path (enrichment).

@@ -1555,7 +1555,6 @@ fn enrich_loop(
     let mut enrichment = Enrichment {
         clock: decode::Clock::now(),
         enricher: enrich::Enricher::new(cache_size),
-        comms: decode::Comms::default(),
         out_tx,
         drops,
         warned_full: false,
@@ -1570,7 +1569,6 @@ fn enrich_loop(
 struct Enrichment {
     clock: decode::Clock,
     enricher: enrich::Enricher,
-    comms: decode::Comms,
     out_tx: BatchTx<ConnectionEvent>,
     drops: Arc<UserDrops>,
     warned_full: bool,
@@ -1583,7 +1581,7 @@ impl Enrichment {
         let mut events = self.out_tx.buffer();
         events.reserve(records.len() * 2);
         for record in records {
-            let mut event = match decode::decode(&record.raw, self.clock, &mut self.comms) {
+            let mut event = match decode::decode(&record.raw, self.clock) {
                 Ok(e) => e,
                 Err(e) => {
                     self.drops.undecodable.fetch_add(1, Ordering::Relaxed);

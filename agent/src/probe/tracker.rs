@@ -674,7 +674,7 @@ pub fn open_from_close(close: &ConnectionEvent) -> ConnectionEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::decode::{Clock, Comms, decode};
+    use crate::probe::decode::{Clock, decode};
 
     const SEC: u64 = 1_000_000_000;
     const NS: u32 = 4_026_531_840;
@@ -806,7 +806,7 @@ mod tests {
         assert_eq!(c.raw.flags & all, all);
         assert!(t.is_empty());
         // What decode makes of it, and the open built from it.
-        let event = decode(&c.raw, Clock::with_offset(0), &mut Comms::default()).unwrap();
+        let event = decode(&c.raw, Clock::with_offset(0)).unwrap();
         assert_eq!(
             event.bytes_sent, 63,
             "neither the SYN nor our acknowledged FIN is payload"
