@@ -492,3 +492,85 @@ fn capabilities_need_the_operators_permission() {
     let (mut host, _rx) = PluginHost::new(runtime, config, StatusHandle::new("n"));
     host.apply(&desired(vec![(m, tagger)])).expect("allowed");
 }
+
+#[test]
+fn a_change_whose_init_ran_out_of_time_is_tried_again_until_it_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (host, rx, status) = host_in(dir.path());
+    let metrics = host.runtime().metrics().clone();
+    let misbehave = wasm("misbehave");
+    // `init` spins past its 10 ms for the next 1.5 s, as on a node too busy to run it in
+    // time, then succeeds: only trying again, with nothing changed, ever loads it.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        + Duration::from_millis(1500);
+    let slow = manifest(
+        "slow",
+        &misbehave,
+        json!(format!("slow-init-until={}", until.as_nanos())),
+        1,
+        FailurePolicy::FailOpen,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, desired_rx) =
+        tokio::sync::watch::channel(Arc::new(desired(vec![(slow, misbehave.clone())])));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = rt.spawn(host.run(desired_rx, shutdown.clone()));
+
+    let wait_for = |what: &str, done: &dyn Fn(PluginState, &str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let s = status.snapshot();
+            if let Some(p) = s.plugins.iter().rfind(|p| p.name == what) {
+                let error = p.last_error.clone().unwrap_or_default();
+                if done(p.state, &error) {
+                    return seen;
+                }
+                if seen.last() != Some(&error) {
+                    seen.push(error);
+                }
+            }
+            assert!(Instant::now() < deadline, "{what}: still {seen:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let seen = wait_for("slow", &|state, _| state == PluginState::Active);
+    assert!(
+        seen.iter()
+            .any(|e| e.contains("init ran past its deadline of 10ms")
+                && e.contains("last good chain kept")
+                && e.contains("trying again in")),
+        "no failed attempt said it would be tried again: {seen:?}"
+    );
+    assert!(metrics.errors("slow", "timeout") >= 1);
+    let mut batch: Vec<_> = (0..4).map(|i| event(i, "1.1.1.1:443")).collect();
+    run(&rx, &mut batch);
+    assert_eq!(
+        ids(&batch),
+        vec![0, 1, 2, 3],
+        "the loaded chain keeps everything"
+    );
+
+    // A refusal is the plugin's answer, not bad luck: not tried again.
+    let reject = manifest(
+        "reject",
+        &misbehave,
+        json!("reject"),
+        1,
+        FailurePolicy::FailOpen,
+    );
+    tx.send_replace(Arc::new(desired(vec![(reject, misbehave)])));
+    wait_for("reject", &|state, _| state == PluginState::Failed);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(metrics.errors("reject", "init_rejected"), 1);
+    let (_, last_error) = status_of(&status, "reject");
+    assert!(!last_error.contains("trying again"), "{last_error}");
+    shutdown.cancel();
+    rt.block_on(task).unwrap();
+}

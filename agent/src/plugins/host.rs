@@ -4,7 +4,8 @@
 //! (or load it from the compile cache), link it, instantiate it and run `init` with its config
 //! — all off the data path, on a blocking thread. Only when every plugin of the new state is
 //! ready is the new chain sent to the pipeline; batches in flight finish on the old one. If any
-//! step fails, the last good chain stays, and `/status` and the metrics say why.
+//! step fails, the last good chain stays, and `/status` and the metrics say why; a failure that
+//! may pass by itself (a download, an `init` out of time) is tried again after a backoff.
 
 use std::{
     collections::HashMap,
@@ -25,11 +26,16 @@ use super::{
 use crate::{
     pipeline::{BatchPolicy, PolicyRx},
     status::{PluginState, PluginStatus, StatusHandle},
-    sync::{DesiredState, DesiredStateRx},
+    sync::{DesiredState, DesiredStateRx, backoff::Backoff},
 };
 
 /// Compiled components kept in memory beyond those of the current chain (for rollbacks).
 const KEEP_COMPONENTS: usize = 16;
+
+/// First and longest wait before a change that failed transiently
+/// ([`PluginError::is_transient`]) is tried again, with nothing changed.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MOST: Duration = Duration::from_secs(300);
 
 /// What a successful swap did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -231,27 +237,67 @@ impl PluginHost {
         self.status.update(|s| s.plugins = entries);
     }
 
-    /// Applies every desired state it receives until `shutdown`.
+    /// Applies every desired state it receives until `shutdown`. A state that failed
+    /// transiently (a download, an `init` out of time) is applied again after a backoff (1 s
+    /// doubling to 5 min, jittered), until it succeeds or the next state replaces it; one
+    /// that failed otherwise waits for the next state.
     pub async fn run(mut self, mut desired: DesiredStateRx, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MOST);
+        let mut state = desired.borrow_and_update().clone();
         loop {
-            let state = desired.borrow_and_update().clone();
+            let applying = state.clone();
             let joined = tokio::task::spawn_blocking(move || {
-                let result = self.apply(&state);
+                let result = self.apply(&applying);
                 (self, result)
             })
             .await;
-            match joined {
-                Ok((host, _result)) => self = host,
+            let retry = match joined {
+                Ok((host, result)) => {
+                    self = host;
+                    match result {
+                        Err(e) if e.is_transient() => {
+                            let delay = backoff.next_delay();
+                            self.retrying(&e, delay);
+                            Some(delay)
+                        }
+                        _ => None,
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "plugin host stopped: swap task panicked");
                     return;
                 }
-            }
+            };
             tokio::select! {
-                changed = desired.changed() => if changed.is_err() { return },
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    state = desired.borrow_and_update().clone();
+                    backoff.reset();
+                }
+                () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
                 () = shutdown.cancelled() => return,
             }
         }
+    }
+
+    /// Says in the log and `/status` that the rejected change will be tried again.
+    fn retrying(&self, error: &PluginError, delay: Duration) {
+        let delay = Duration::from_millis(delay.as_millis() as u64);
+        tracing::warn!(error = %error, retry_in = %humantime::format_duration(delay), "plugin change failed for a reason that may pass; trying it again");
+        let note = format!("; trying again in {}", humantime::format_duration(delay));
+        self.status.update(|s| {
+            if let Some(last) = s
+                .plugins
+                .iter_mut()
+                .rev()
+                .find(|p| p.state == PluginState::Failed)
+                .and_then(|p| p.last_error.as_mut())
+            {
+                last.push_str(&note);
+            }
+        });
     }
 }
 

@@ -241,6 +241,17 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// Whether trying again with nothing changed may succeed: a download that failed (the
+    /// server or the network), or an `init` that ran out of time (its limit is wall-clock
+    /// time, which a busy node can eat). Everything else is a property of the manifest or the
+    /// module and waits for the next change.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Fetch { .. } | Self::Timeout { call: "init", .. }
+        )
+    }
+
     /// A short label for metrics (`kind` of `edgeward_plugin_errors_total`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -265,6 +276,36 @@ impl PluginError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failures_that_may_pass_by_themselves_are_transient() {
+        let plugin = || "p".to_owned();
+        let timeout = |call| PluginError::Timeout {
+            plugin: plugin(),
+            call,
+            limit: Duration::from_millis(10),
+        };
+        let fetch = PluginError::Fetch {
+            plugin: plugin(),
+            url: "https://modules.example/p.wasm".to_owned(),
+            reason: "connection refused".to_owned(),
+        };
+        assert!(fetch.is_transient());
+        assert!(timeout("init").is_transient());
+        // The same deadline missed by every batch is the plugin's doing: its failure policy
+        // handles it, not a retry of the change.
+        assert!(!timeout("on-batch").is_transient());
+        let mismatch = PluginError::Sha256Mismatch {
+            plugin: plugin(),
+            expected: "a".repeat(64),
+            actual: "b".repeat(64),
+        };
+        let refused = PluginError::InitRejected {
+            plugin: plugin(),
+            message: "bad config".to_owned(),
+        };
+        assert!(!mismatch.is_transient() && !refused.is_transient());
+    }
 
     #[test]
     fn plugins_section_rejects_bad_values_by_key() {

@@ -9,6 +9,9 @@
 //! - `wrong-count`: return one verdict more than events
 //! - `bad-code`: return verdict code 7
 //! - `reject`: reject its config in `init`
+//! - `slow-init-until=T`: spin in `init` until the host's clock reads T (nanoseconds since
+//!   the Unix epoch), then keep everything: an `init` that runs out of time until T, as on a
+//!   node too busy to give it its time
 //!
 //! It implements the WIT exports directly (not through the SDK's `Policy` trait) so that it
 //! can break the contract the SDK keeps.
@@ -50,6 +53,16 @@ fn recurse(depth: u64) -> u64 {
 impl Guest for Misbehave {
     fn init(config: String) -> Result<(), String> {
         let word = config.trim().trim_matches('"');
+        if let Some(until) = word.strip_prefix("slow-init-until=") {
+            let until: u64 = until
+                .parse()
+                .map_err(|e| format!("slow-init-until={until:?}: {e}"))?;
+            while edgeward_plugin_sdk::now_unix_nanos() < until {
+                std::hint::spin_loop();
+            }
+            MODE.with(|m| m.set(Mode::Ok));
+            return Ok(());
+        }
         let mode = match word {
             "ok" => Mode::Ok,
             "loop" => Mode::Loop,
