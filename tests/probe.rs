@@ -810,7 +810,12 @@ fn agent_under_setpriv(args: &[&str], agent_args: &[&str]) -> (Agent, serde_json
         .chain(args.iter().copied())
         .chain(["--"])
         .collect();
-    let agent = Agent::spawn_under(&prefix, agent_args);
+    agent_under(&prefix, agent_args)
+}
+
+/// An agent started through the command `prefix`, once its probe is past starting.
+fn agent_under(prefix: &[&str], agent_args: &[&str]) -> (Agent, serde_json::Value) {
+    let agent = Agent::spawn_under(prefix, agent_args);
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, body) = agent.get("/status");
@@ -831,15 +836,28 @@ fn agent_under_setpriv(args: &[&str], agent_args: &[&str]) -> (Agent, serde_json
 /// (as this test's own are) is refused: its spans carry the process's name, not the name of
 /// the thread that made the connection. Connections open before the agent are found by the
 /// kernel's list of held sockets, which needs no `ptrace` access (`/proc/PID/fd` would): in
-/// its own network namespace and in another one (a pod's), with their owner, and reported
-/// with their bytes counted from their real start.
+/// its own network namespace and in another one (a pod's), with their owner and container,
+/// and reported with their bytes counted from their real start. The agent runs in a cgroup
+/// namespace of its own, as in a pod: /proc/PID/cgroup then gives it paths relative to its
+/// own cgroup, and only the kernel's list names the holders' cgroups.
 #[test]
 fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_before() {
     let sink = support::otlp::BlockingSink::start(Default::default());
     let endpoint = sink.get().grpc_endpoint();
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1"]);
     let port = echo.port();
-    // Open before the agent starts, here and in a namespace of their own; 20 pings each.
+    // Open before the agent starts, here and in a namespace of their own, by processes in a
+    // pod's container cgroup; 20 pings each.
+    let tag = std::process::id() + 1;
+    let pod_uid = format!("5e0f2d1c-7a3b-4c8d-9e1f-{tag:012x}");
+    let container = format!("{tag:016x}").repeat(4);
+    let pod = support::probe::Cgroup::new(&[
+        format!(
+            "ew-{tag}-kubepods-burstable-pod{}.slice",
+            pod_uid.replace('-', "_")
+        ),
+        format!("cri-containerd-{container}.scope"),
+    ]);
     let ns = NetNs::new("shipped");
     let old: Vec<(Traffic, Traffic, u16)> = [None, Some(&ns)]
         .into_iter()
@@ -848,13 +866,19 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_bef
             let port = echo.port();
             let mut pinger = Traffic::spawn(netns, &["pinger", "127.0.0.1", &port.to_string()]);
             assert_eq!(pinger.line(), "idle");
+            pod.add(echo.pid());
+            pod.add(pinger.pid());
             (echo, pinger, port)
         })
         .collect();
-    let (agent, status) = agent_under_setpriv(
-        &["--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon"],
-        &["--otlp-endpoint", &endpoint],
+    // The agent in a cgroup of its own, then in a cgroup namespace rooted there.
+    let own = support::probe::Cgroup::new(&[format!("ew-{tag}-agent")]);
+    let enter = format!(
+        "echo $$ > {}/cgroup.procs && exec unshare --cgroup setpriv --inh-caps=-all \
+         --bounding-set=-all,+bpf,+perfmon -- \"$0\" \"$@\"",
+        own.path().display()
     );
+    let (agent, status) = agent_under(&["sh", "-c", &enter], &["--otlp-endpoint", &endpoint]);
     let events = || -> u64 {
         let (_, metrics) = agent.get("/metrics");
         metrics
@@ -917,6 +941,16 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_bef
             assert_eq!(
                 span.attr("process.executable.name"),
                 Some(&Value::Str(name.into())),
+                "{line}"
+            );
+            assert_eq!(
+                span.attr("container.id"),
+                Some(&Value::Str(container.clone())),
+                "{line}"
+            );
+            assert_eq!(
+                span.attr("k8s.pod.uid"),
+                Some(&Value::Str(pod_uid.clone())),
                 "{line}"
             );
             assert_eq!(

@@ -355,6 +355,11 @@ impl Cgroup {
         Cgroup { dirs, root }
     }
 
+    /// The innermost cgroup's directory.
+    pub fn path(&self) -> &Path {
+        self.dirs.last().expect("a cgroup")
+    }
+
     /// Moves process `pid` into the innermost cgroup.
     pub fn add(&self, pid: u32) {
         let leaf = self.dirs.last().expect("a cgroup");

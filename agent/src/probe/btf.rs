@@ -102,6 +102,10 @@ const FIELDS: &[Field] = &[
     field!("file", "f_inode", &[], file_inode),
     field!("inode", "i_ino", &[], inode_ino),
     field!("socket", "sk", &[], socket_sk),
+    field!("task_struct", "cgroups", &[], task_cgroups),
+    field!("css_set", "dfl_cgrp", &[], css_set_dfl_cgrp),
+    field!("cgroup", "kn", &[], cgroup_kn),
+    field!("kernfs_node", "id", &[], kernfs_node_id),
 ];
 
 /// Every field that needs BTF: what the probe lacks when there is none at all.

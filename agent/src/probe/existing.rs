@@ -118,14 +118,19 @@ pub fn scan(
         holders,
         namespaces,
         addresses,
+        cgroups,
         unreadable,
         unreadable_error,
     } = sources;
     let mut owners: HashMap<u32, Option<Owner>> = HashMap::new();
     let mut owner = |pid: u32| {
-        *owners
-            .entry(pid)
-            .or_insert_with(|| owner_of(proc_root, cgroup_root, pid))
+        *owners.entry(pid).or_insert_with(|| {
+            let mut owner = owner_of(proc_root, cgroup_root, pid)?;
+            if let Some(&id) = cgroups.get(&pid) {
+                owner.cgroup_id = id;
+            }
+            Some(owner)
+        })
     };
     let mut found = Existing {
         unreadable,
@@ -186,6 +191,10 @@ struct Sources {
     namespaces: Vec<(u32, Vec<(u16, Row)>)>,
     /// Socket inode -> the socket's kernel address, where known apart from the tables.
     addresses: HashMap<u64, u64>,
+    /// Process -> its cgroup v2 id, where known apart from /proc (the kernel's). Read from
+    /// `/proc/PID/cgroup`, the path is relative to the agent's cgroup namespace, and from a
+    /// namespace of its own (a container's) it names the wrong cgroup or none.
+    cgroups: HashMap<u32, u64>,
     /// Processes, or namespaces, whose sockets could not be read.
     unreadable: usize,
     /// The first of those errors.
@@ -216,7 +225,11 @@ impl Sources {
         let mut holders: HashMap<u64, u32> = HashMap::new();
         let mut addresses = HashMap::new();
         let mut by_namespace: HashMap<u32, (Vec<u32>, HashSet<u64>)> = HashMap::new();
+        let mut cgroups = HashMap::new();
         for h in held {
+            if h.cgroup_id != 0 {
+                cgroups.insert(h.tgid, h.cgroup_id);
+            }
             let holder = holders.entry(h.inode).or_insert(h.tgid);
             *holder = (*holder).min(h.tgid);
             addresses.insert(h.inode, h.sk);
@@ -260,6 +273,7 @@ impl Sources {
             holders,
             namespaces,
             addresses,
+            cgroups,
             unreadable,
             unreadable_error,
         }
@@ -322,6 +336,7 @@ impl Sources {
                 .map(|(netns, pid)| (netns, tables(proc_root, &pid.to_string())))
                 .collect(),
             addresses: HashMap::new(),
+            cgroups: HashMap::new(),
             unreadable,
             unreadable_error,
         }
@@ -513,11 +528,13 @@ mod tests {
             std::fs::write(p(&format!("{pid}/net/tcp")), table).unwrap();
             std::fs::write(p(&format!("{pid}/comm")), format!("{comm}\n")).unwrap();
         }
+        // The kernel gives the server's cgroup; the others' come from /proc (none here).
         let held = |sk: u64, inode: u64, tgid: u32, netns: u32| HeldSocket {
             sk,
             inode,
             tgid,
             netns,
+            cgroup_id: if tgid == 100 { 7777 } else { 0 },
         };
         let held = [
             held(0xffff_0000_0000_0011, 11, 100, 5),
@@ -531,21 +548,22 @@ mod tests {
         let found = scan(proc.path(), proc.path(), 10, Some(&held));
         assert_eq!((found.unreadable, found.over_limit), (0, 0), "{found:#?}");
         assert_eq!(found.listeners.len(), 1, "{found:#?}");
-        assert_eq!(
-            (found.listeners[0].netns, found.listeners[0].owner.pid),
-            (5, 100)
-        );
+        let l = &found.listeners[0];
+        assert_eq!((l.netns, l.owner.pid, l.owner.cgroup_id), (5, 100, 7777));
         let ends: Vec<_> = found
             .connections
             .iter()
-            .map(|c| (c.netns, c.inode, c.sk, c.passive, c.owner.map(|o| o.pid)))
+            .map(|c| {
+                let owner = c.owner.map(|o| (o.pid, o.cgroup_id));
+                (c.netns, c.inode, c.sk, c.passive, owner)
+            })
             .collect();
         assert_eq!(
             ends,
             [
-                (5, 12, Some(0xffff_0000_0000_0012), true, Some(100)),
-                (5, 13, Some(0xffff_0000_0000_0013), false, Some(200)),
-                (7, 21, Some(0xffff_0000_0000_0021), false, Some(300)),
+                (5, 12, Some(0xffff_0000_0000_0012), true, Some((100, 7777))),
+                (5, 13, Some(0xffff_0000_0000_0013), false, Some((200, 0))),
+                (7, 21, Some(0xffff_0000_0000_0021), false, Some((300, 0))),
             ]
         );
         // A namespace none of whose holders shows it is counted, and named.

@@ -958,6 +958,7 @@ fn held_records(bytes: &[u8]) -> Vec<HeldSocket> {
             inode: u64_at(b, 8),
             tgid: u32_at(b, 16),
             netns: u32_at(b, 20),
+            cgroup_id: u64_at(b, 24),
         })
         .collect()
 }
@@ -1636,14 +1637,21 @@ mod tests {
     #[test]
     fn held_socket_records_are_read_whole_and_a_torn_one_dropped() {
         let mut bytes = Vec::new();
-        for (sk, inode, tgid, netns) in [
-            (0xffff_8880_0000_1000u64, 77u64, 42u32, 4_026_531_840u32),
-            (1, 2, 3, 4),
+        for (sk, inode, tgid, netns, cgroup_id) in [
+            (
+                0xffff_8880_0000_1000u64,
+                77u64,
+                42u32,
+                4_026_531_840u32,
+                9u64,
+            ),
+            (1, 2, 3, 4, 5),
         ] {
             bytes.extend_from_slice(&sk.to_ne_bytes());
             bytes.extend_from_slice(&inode.to_ne_bytes());
             bytes.extend_from_slice(&tgid.to_ne_bytes());
             bytes.extend_from_slice(&netns.to_ne_bytes());
+            bytes.extend_from_slice(&cgroup_id.to_ne_bytes());
         }
         bytes.extend_from_slice(&[9; 10]);
         let held = held_records(&bytes);
@@ -1654,10 +1662,11 @@ mod tests {
                 sk: 0xffff_8880_0000_1000,
                 inode: 77,
                 tgid: 42,
-                netns: 4_026_531_840
+                netns: 4_026_531_840,
+                cgroup_id: 9,
             }
         );
-        assert_eq!(held[1].netns, 4);
+        assert_eq!((held[1].netns, held[1].cgroup_id), (4, 5));
     }
 
     fn record(sk: u64) -> tracker::Record {

@@ -227,6 +227,16 @@ pub struct Offsets {
     pub inode_ino: u32,
     /// `socket.sk` (pointer to `struct sock`).
     pub socket_sk: u32,
+    /// `task_struct.cgroups` (pointer to `struct css_set`): with the three below, the cgroup
+    /// v2 id of a socket's holder in the `held_sockets` iterator (optional: without them the
+    /// agent reads /proc/PID/cgroup, which a cgroup namespace of its own makes relative).
+    pub task_cgroups: u32,
+    /// `css_set.dfl_cgrp` (pointer to `struct cgroup`).
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup.kn` (pointer to `struct kernfs_node`).
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (u64: the cgroup id, as `bpf_get_current_cgroup_id` gives it).
+    pub kernfs_node_id: u32,
     /// Padding.
     pub _pad: u32,
 }
@@ -268,6 +278,10 @@ impl Offsets {
         file_inode: NO_OFFSET,
         inode_ino: NO_OFFSET,
         socket_sk: NO_OFFSET,
+        task_cgroups: NO_OFFSET,
+        css_set_dfl_cgrp: NO_OFFSET,
+        cgroup_kn: NO_OFFSET,
+        kernfs_node_id: NO_OFFSET,
         _pad: 0,
     };
 
@@ -530,6 +544,9 @@ pub struct HeldSocket {
     pub tgid: u32,
     /// Inode number of the socket's network namespace.
     pub netns: u32,
+    /// The holder's cgroup v2 id; 0 when the kernel's BTF does not give the fields it is read
+    /// through.
+    pub cgroup_id: u64,
 }
 
 #[cfg(feature = "user")]

@@ -1297,6 +1297,7 @@ unsafe fn write_held_socket(ctx: &TaskFile) -> Option<()> {
         inode: typed_field(inode, off.inode_ino)?,
         tgid: typed_field(task, off.task_tgid)?,
         netns: typed_field(net, off.net_inum)?,
+        cgroup_id: task_cgroup_id(task, off),
     };
     // SAFETY: `meta` is the iterator's typed metadata, whose first field is its `seq_file`.
     unsafe {
@@ -1308,6 +1309,24 @@ unsafe fn write_held_socket(ctx: &TaskFile) -> Option<()> {
         );
     }
     Some(())
+}
+
+/// The cgroup v2 id of `task` (`task->cgroups->dfl_cgrp->kn->id`, what
+/// `bpf_get_current_cgroup_id` gives for the current task); 0 when a field is unknown or a
+/// pointer null. Read with the helper: `task->cgroups` is RCU-protected, which the verifier of
+/// some kernels refuses as a plain load, and this runs once per held socket at start.
+#[inline(always)]
+fn task_cgroup_id(task: u64, off: &Offsets) -> u64 {
+    let (mut css_set, mut cgroup, mut kn, mut id) = (0u64, 0u64, 0u64, 0u64);
+    if read_into(task, off.task_cgroups, &mut css_set)
+        && read_into(css_set, off.css_set_dfl_cgrp, &mut cgroup)
+        && read_into(cgroup, off.cgroup_kn, &mut kn)
+        && read_into(kn, off.kernfs_node_id, &mut id)
+    {
+        id
+    } else {
+        0
+    }
 }
 
 #[cfg(not(test))]
