@@ -849,15 +849,7 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_bef
     // Open before the agent starts, here and in a namespace of their own, by processes in a
     // pod's container cgroup; 20 pings each.
     let tag = std::process::id() + 1;
-    let pod_uid = format!("5e0f2d1c-7a3b-4c8d-9e1f-{tag:012x}");
-    let container = format!("{tag:016x}").repeat(4);
-    let pod = support::probe::Cgroup::new(&[
-        format!(
-            "ew-{tag}-kubepods-burstable-pod{}.slice",
-            pod_uid.replace('-', "_")
-        ),
-        format!("cri-containerd-{container}.scope"),
-    ]);
+    let (pod, pod_uid, container) = support::probe::pod_container(tag, "burstable");
     let ns = NetNs::new("shipped");
     let old: Vec<(Traffic, Traffic, u16)> = [None, Some(&ns)]
         .into_iter()
@@ -980,17 +972,8 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_bef
 #[test]
 fn connections_are_enriched_with_executable_container_and_pod_from_cgroupfs() {
     let probe = RunningProbe::start(ProbeConfig::default());
-    let pid = std::process::id();
-    let pod_uid = format!("0c6a7c3e-5f1b-4f5e-9a43-{pid:012x}");
-    let container = format!("{pid:016x}").repeat(4);
-    // The layout the kubelet's systemd cgroup driver and containerd create.
-    let cgroup = support::probe::Cgroup::new(&[
-        format!(
-            "ew-{pid}-kubepods-besteffort-pod{}.slice",
-            pod_uid.replace('-', "_")
-        ),
-        format!("cri-containerd-{container}.scope"),
-    ]);
+    let (cgroup, pod_uid, container) =
+        support::probe::pod_container(std::process::id(), "besteffort");
     // Into the workload's cgroup before it listens, as a container runtime starts it: the
     // owner of its passive opens is recorded at `listen()`.
     let mut echo = Traffic::spawn(None, &["echo", "127.0.0.1", "wait"]);

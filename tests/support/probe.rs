@@ -331,6 +331,22 @@ impl VethPair {
     }
 }
 
+/// A pod's container cgroup as the kubelet's systemd cgroup driver and containerd lay it out,
+/// named from `tag` (unique among the tests running at once) and the pod's QoS class: the
+/// cgroup, and the pod uid and container id the enrichment should find in its path.
+pub fn pod_container(tag: u32, qos: &str) -> (Cgroup, String, String) {
+    let pod_uid = format!("0c6a7c3e-5f1b-4f5e-9a43-{tag:012x}");
+    let container = format!("{tag:016x}").repeat(4);
+    let cgroup = Cgroup::new(&[
+        format!(
+            "ew-{tag}-kubepods-{qos}-pod{}.slice",
+            pod_uid.replace('-', "_")
+        ),
+        format!("cri-containerd-{container}.scope"),
+    ]);
+    (cgroup, pod_uid, container)
+}
+
 /// A nested cgroup v2 path of this test (e.g. a fake pod slice and container scope), removed
 /// on drop after moving any process left in it back to the root cgroup.
 pub struct Cgroup {
