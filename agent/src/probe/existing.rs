@@ -124,13 +124,9 @@ pub fn scan(
     } = sources;
     let mut owners: HashMap<u32, Option<Owner>> = HashMap::new();
     let mut owner = |pid: u32| {
-        *owners.entry(pid).or_insert_with(|| {
-            let mut owner = owner_of(proc_root, cgroup_root, pid)?;
-            if let Some(&id) = cgroups.get(&pid) {
-                owner.cgroup_id = id;
-            }
-            Some(owner)
-        })
+        *owners
+            .entry(pid)
+            .or_insert_with(|| owner_of(proc_root, cgroup_root, pid, cgroups.get(&pid).copied()))
     };
     let mut found = Existing {
         unreadable,
@@ -343,21 +339,28 @@ impl Sources {
     }
 }
 
-/// The owner record of process `pid`: its comm and cgroup v2 id (0 when the cgroup cannot be
-/// found).
-fn owner_of(proc_root: &Path, cgroup_root: &Path, pid: u32) -> Option<Owner> {
+/// The owner record of process `pid`: its comm and cgroup v2 id: `cgroup_id` when the kernel
+/// gave it, else from /proc (0 when the cgroup cannot be found).
+fn owner_of(
+    proc_root: &Path,
+    cgroup_root: &Path,
+    pid: u32,
+    cgroup_id: Option<u64>,
+) -> Option<Owner> {
     let dir = proc_root.join(pid.to_string());
     let name = std::fs::read_to_string(dir.join("comm")).ok()?;
     let mut comm = [0u8; 16];
     let name = name.trim_end_matches('\n').as_bytes();
     let len = name.len().min(15);
     comm[..len].copy_from_slice(&name[..len]);
-    let cgroup_id = std::fs::read_to_string(dir.join("cgroup"))
-        .ok()
-        .and_then(|text| cgroup_v2_path(&text).map(|p| cgroup_dir(cgroup_root, p)))
-        .and_then(|dir| std::fs::metadata(dir).ok())
-        .map(|m| m.ino())
-        .unwrap_or(0);
+    let cgroup_id = cgroup_id.unwrap_or_else(|| {
+        std::fs::read_to_string(dir.join("cgroup"))
+            .ok()
+            .and_then(|text| cgroup_v2_path(&text).map(|p| cgroup_dir(cgroup_root, p)))
+            .and_then(|dir| std::fs::metadata(dir).ok())
+            .map(|m| m.ino())
+            .unwrap_or(0)
+    });
     Some(Owner {
         cgroup_id,
         pid,
