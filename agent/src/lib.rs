@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
 pub mod export;

@@ -20,6 +20,7 @@ use super::{
     transport::Transport,
 };
 use crate::{
+    backoff::Backoff,
     probe::event::{ConnectionEvent, EventKind},
     status::StatusHandle,
     sync::DesiredStateRx,
@@ -384,6 +385,12 @@ impl Exporter {
         result
     }
 
+    /// Delays between retries of a failed request, as the current settings have them.
+    fn retry_backoff(&self) -> Backoff {
+        let config = &self.shared.active().config;
+        Backoff::new(config.retry_initial_backoff, config.retry_max_backoff)
+    }
+
     /// Ships queued requests until `stop` (cancelled by the pipeline once it has pushed its
     /// last batch), then flushes what is queued, giving up at `flush_deadline` after `stop`.
     pub async fn run(mut self, stop: CancellationToken, flush_deadline: Duration) {
@@ -395,7 +402,7 @@ impl Exporter {
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight: Option<Item> = None;
-        let mut backoff = self.shared.active().config.retry_initial_backoff;
+        let mut backoff = self.retry_backoff();
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut overflows_seen = self.shared.queue.overflows();
         let mut desired = self.desired.clone();
@@ -421,12 +428,11 @@ impl Exporter {
             if ready && let Some(item) = in_flight.take() {
                 match self.send(&item).await {
                     Ok(()) => {
-                        backoff = self.shared.active().config.retry_initial_backoff;
+                        backoff.reset();
                         retry_at = None;
                     }
                     Err(e) if e.is_retryable() => {
-                        retry_at = Some(tokio::time::Instant::now() + jittered(backoff));
-                        backoff = (backoff * 2).min(self.shared.active().config.retry_max_backoff);
+                        retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
                         in_flight = Some(item);
                     }
                     Err(_) => {
@@ -463,7 +469,7 @@ impl Exporter {
                             interval = new_interval;
                             metrics_tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                         }
-                        backoff = self.shared.active().config.retry_initial_backoff;
+                        backoff = self.retry_backoff();
                         retry_at = None;
                     }
                 }
@@ -506,31 +512,9 @@ impl Exporter {
     }
 }
 
-/// `d` scaled by a pseudo-random factor in [0.5, 1.0], so that a fleet of agents that lost the
-/// same collector does not come back in lockstep.
-fn jittered(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let factor = 0.5 + f64::from(nanos % 1000) / 2000.0;
-    d.mul_f64(factor)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn jitter_stays_within_half_to_full() {
-        for _ in 0..100 {
-            let j = jittered(Duration::from_millis(1000));
-            assert!(
-                j >= Duration::from_millis(500) && j <= Duration::from_millis(1000),
-                "{j:?}"
-            );
-        }
-    }
 
     #[tokio::test]
     async fn unreadable_token_file_fails_export_with_the_path_and_keeps_the_agent() {

@@ -63,7 +63,9 @@ pub struct ExportConfig {
     /// holds ~32,000 spans (a few seconds at 10,000 connections/s) and keeps the whole agent
     /// within 50 MB; each MiB more costs about a MiB of RSS during an outage.
     pub queue_max_bytes: usize,
-    /// First retry delay after a retryable failure; doubles up to `retry_max_backoff`.
+    /// First retry delay after a retryable failure; doubles up to `retry_max_backoff`. Each
+    /// delay is drawn at random from the upper half of its window, so that agents that lost
+    /// the same collector do not retry in step.
     #[serde(with = "serde_duration")]
     pub retry_initial_backoff: Duration,
     /// Longest retry delay.

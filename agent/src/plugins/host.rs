@@ -24,9 +24,10 @@ use super::{
     fetch::module_bytes, instance::PluginInstance,
 };
 use crate::{
+    backoff::Backoff,
     pipeline::{BatchPolicy, PolicyRx},
     status::{PluginState, PluginStatus, StatusHandle},
-    sync::{DesiredState, DesiredStateRx, backoff::Backoff},
+    sync::{DesiredState, DesiredStateRx},
 };
 
 /// Compiled components kept in memory beyond those of the current chain (for rollbacks).

@@ -7,8 +7,9 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Applier, Change, Snapshot, SyncMetrics, backoff::Backoff, snapshot::Entry};
+use super::{Applier, Change, Snapshot, SyncMetrics, snapshot::Entry};
 use crate::{
+    backoff::Backoff,
     config::{ConfigError, serde_duration},
     status::{ConfigSource, StatusHandle},
 };

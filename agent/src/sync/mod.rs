@@ -6,7 +6,6 @@
 //! [`DesiredState`], publishes it whole through a watch channel, reports it in the status and
 //! hands the snapshot to the offline [`cache`] writer.
 
-pub(crate) mod backoff;
 pub mod cache;
 pub mod etcd;
 pub mod file;

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::{SyncMetrics, backoff::Backoff, etcd::EtcdConfig};
-use crate::status::{AgentStatus, StatusHandle};
+use super::{SyncMetrics, etcd::EtcdConfig};
+use crate::{
+    backoff::Backoff,
+    status::{AgentStatus, StatusHandle},
+};
 
 /// How often the status is compared with what was last written.
 const CHECK_EVERY: Duration = Duration::from_secs(1);

@@ -1,5 +1,5 @@
-//! Capped exponential backoff with jitter, so that a thousand agents that lost etcd at the
-//! same moment do not come back in step.
+//! Capped exponential backoff with jitter, so that a thousand agents that lost etcd, a module
+//! server or their collector at the same moment do not come back in step.
 
 use std::time::Duration;
 
