@@ -142,12 +142,17 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "bench-probe.sh: loads eBPF programs and creates a network namespace: run as root" >&2
   exit 1
 fi
+# The set the systemd unit bounds the agent to (the DaemonSet and docs/operators.md
+# "Capabilities" grant the same; tests/deploy.rs holds them together), as setpriv spells it:
+# CAP_BPF CAP_PERFMON -> +bpf,+perfmon.
+SHIPPED_CAPS=$(sed -n 's/^CapabilityBoundingSet=//p' deploy/systemd/edgeward.service |
+  tr ' ' '\n' | sed -n 's/^CAP_\(.*\)/+\L\1/p' | paste -sd, -)
 case "$AGENT_CAPS" in
-  # The set in deploy/ (docs/operators.md "Capabilities"), nothing inheritable.
-  shipped) AGENT_PREFIX=(setpriv --inh-caps=-all --bounding-set=-all,+bpf,+perfmon --) ;;
+  # Nothing inheritable, nothing past the shipped set.
+  shipped) AGENT_PREFIX=(setpriv --inh-caps=-all --bounding-set=-all,"$SHIPPED_CAPS" --) ;;
   full) AGENT_PREFIX=() ;;
   *)
-    echo "bench-probe.sh: AGENT_CAPS=$AGENT_CAPS: expected shipped (CAP_BPF, CAP_PERFMON) or full" >&2
+    echo "bench-probe.sh: AGENT_CAPS=$AGENT_CAPS: expected shipped ($SHIPPED_CAPS) or full" >&2
     exit 1
     ;;
 esac

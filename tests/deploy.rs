@@ -113,15 +113,9 @@ fn daemonset_is_least_privilege_with_exactly_the_documented_capabilities() {
         "docs/operators.md documents other capabilities than the probe's (docs/probe.md)"
     );
     // The systemd unit bounds the agent to the same set.
-    let unit = std::fs::read_to_string(repo().join("deploy/systemd/edgeward.service"))
-        .expect("deploy/systemd/edgeward.service");
-    let bounding: BTreeSet<String> = unit
-        .lines()
-        .filter_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .flat_map(|l| l.split_whitespace().map(str::to_owned))
-        .collect();
     assert_eq!(
-        bounding, documented,
+        unit_capabilities(),
+        documented,
         "the systemd unit's CapabilityBoundingSet"
     );
     for overlay in OVERLAYS {

@@ -866,9 +866,9 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_bef
     // The agent in a cgroup of its own, then in a cgroup namespace rooted there.
     let own = support::probe::Cgroup::new(&[format!("ew-{tag}-agent")]);
     let enter = format!(
-        "echo $$ > {}/cgroup.procs && exec unshare --cgroup setpriv --inh-caps=-all \
-         --bounding-set=-all,+bpf,+perfmon -- \"$0\" \"$@\"",
-        own.path().display()
+        "echo $$ > {}/cgroup.procs && exec unshare --cgroup setpriv {} -- \"$0\" \"$@\"",
+        own.path().display(),
+        support::probe::shipped_setpriv(),
     );
     let (agent, status) = agent_under(&["sh", "-c", &enter], &["--otlp-endpoint", &endpoint]);
     let events = || -> u64 {
@@ -891,7 +891,8 @@ fn with_only_the_shipped_capabilities_the_probe_runs_and_finds_what_was_open_bef
     while events() <= before {
         assert!(
             Instant::now() < deadline,
-            "no probe records with CAP_BPF + CAP_PERFMON"
+            "no probe records with the shipped capabilities ({})",
+            support::probe::shipped_setpriv()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

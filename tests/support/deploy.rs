@@ -21,6 +21,19 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
+/// The capabilities the shipped systemd unit bounds the agent to (its
+/// `CapabilityBoundingSet=`): the set tests/deploy.rs holds the DaemonSet and docs/operators.md
+/// to, and the one the probe tests and scripts/bench-probe.sh run the agent with.
+pub fn unit_capabilities() -> BTreeSet<String> {
+    let path = repo().join("deploy/systemd/edgeward.service");
+    let unit = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .flat_map(|l| l.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
 /// Runs a command and returns its output; panics naming the command if it cannot start.
 pub fn run(cmd: &mut Command, what: &str) -> Output {
     cmd.output()

@@ -16,6 +16,18 @@ use edgeward::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// `setpriv` options that leave a command exactly the capabilities the shipped unit and
+/// DaemonSet grant (`--inh-caps=-all --bounding-set=-all,+bpf,+perfmon` today), nothing
+/// inheritable: how operators run the agent.
+pub fn shipped_setpriv() -> String {
+    let caps: Vec<String> = super::deploy::unit_capabilities()
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(!caps.is_empty(), "the systemd unit names no capabilities");
+    format!("--inh-caps=-all --bounding-set=-all,{}", caps.join(","))
+}
+
 /// The probe, loaded into this kernel and read on a private runtime. Every event it delivers
 /// is kept; tests filter by their own ports.
 pub struct RunningProbe {
