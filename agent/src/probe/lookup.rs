@@ -32,17 +32,8 @@ const AF_INET6: u16 = 10;
 
 /// Loads `conn_lookup`.
 pub fn load(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let err = |source| ProbeError::Program {
-        program: PROGRAM,
-        attach_point: "BPF_PROG_TEST_RUN".to_owned(),
-        source,
-    };
-    let prog: &mut CgroupSkb = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(ProbeError::MissingProgram(PROGRAM))?
-        .try_into()
-        .map_err(err)?;
-    prog.load().map_err(err)
+    let prog: &mut CgroupSkb = super::on_demand(ebpf, PROGRAM)?;
+    prog.load().map_err(super::on_demand_error(PROGRAM))
 }
 
 /// The loaded `conn_lookup` and the map it answers in.

@@ -963,19 +963,35 @@ fn held_records(bytes: &[u8]) -> Vec<HeldSocket> {
         .collect()
 }
 
+/// The program `name` of the object, as its type `P`, for loading: one the agent runs on
+/// demand (`BPF_PROG_TEST_RUN`) and never attaches.
+pub(crate) fn on_demand<'e, P>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut P, ProbeError>
+where
+    &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(on_demand_error(name))
+}
+
+/// How a failure of the on-demand program `program` reads.
+pub(crate) fn on_demand_error(program: &'static str) -> impl Fn(ProgramError) -> ProbeError + Copy {
+    move |source| ProbeError::Program {
+        program,
+        attach_point: "BPF_PROG_TEST_RUN".to_owned(),
+        source,
+    }
+}
+
 /// Loads `conn_report` and runs it once on no connection, which it must answer "gone": the
 /// kernel runs it on demand.
 fn load_report(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let err = |source| ProbeError::Program {
-        program: REPORT_PROGRAM,
-        attach_point: "BPF_PROG_TEST_RUN".to_owned(),
-        source,
-    };
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(REPORT_PROGRAM)
-        .ok_or(ProbeError::MissingProgram(REPORT_PROGRAM))?
-        .try_into()
-        .map_err(err)?;
+    let prog: &mut RawTracePoint = on_demand(ebpf, REPORT_PROGRAM)?;
+    let err = on_demand_error(REPORT_PROGRAM);
     prog.load().map_err(err)?;
     match run_report(prog, 0).map_err(err)? {
         report::GONE => Ok(()),
