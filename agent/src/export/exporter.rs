@@ -102,6 +102,33 @@ impl ExportHandle {
         &self.shared.telemetry
     }
 
+    /// Ends what the connection metrics follow of connections whose close will not come
+    /// (a plugin dropped it): they are counted no further, and free their place in the
+    /// bounded table, which would otherwise fill with them and stop following new ones.
+    pub fn forget(&self, closed: &[u64]) {
+        if closed.is_empty() {
+            return;
+        }
+        let mut metrics = self
+            .shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for &id in closed {
+            metrics.forget(id);
+        }
+    }
+
+    /// How many connections the connection metrics follow.
+    #[cfg(test)]
+    pub(crate) fn followed(&self) -> usize {
+        self.shared
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .followed()
+    }
+
     /// Turns a judged batch into metric updates (every event) and spans (close events), and
     /// queues the spans as one encoded request. Never waits: a full queue drops its oldest.
     pub fn push_batch(&self, batch: &[ConnectionEvent]) {

@@ -170,8 +170,9 @@ pub struct ConnectionMetrics {
     rtt: Series<Hist>,
     duration: Series<Hist>,
     /// By connection id, what its updates added to the counters: its close adds the rest.
-    /// A connection whose close never reaches the exporter (a plugin dropped it) stays until
-    /// the table is full; from then on new connections count at their close only.
+    /// A close a plugin drops ends the following too ([`Self::forget`]); one lost before the
+    /// pipeline (counted as a probe loss) leaves its connection here. When the table is full,
+    /// new connections count at their close only.
     followed: HashMap<u64, Counted, rustc_hash::FxBuildHasher>,
 }
 
@@ -200,6 +201,18 @@ impl ConnectionMetrics {
         } else {
             self.max_series = max_series.max(1);
         }
+    }
+
+    /// Stops following connection `conn_id`, whose close will not be recorded: what its
+    /// updates added stays counted.
+    pub fn forget(&mut self, conn_id: u64) {
+        self.followed.remove(&conn_id);
+    }
+
+    /// How many connections are followed.
+    #[cfg(test)]
+    pub(crate) fn followed(&self) -> usize {
+        self.followed.len()
     }
 
     /// Records one event whose final attributes are `attrs`. Returns how many updates folded
@@ -442,6 +455,7 @@ pub fn now_unix_nanos() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::spans::tests_support;
     use crate::{export::spans, probe::event::CloseReason};
 
     #[test]
@@ -512,5 +526,21 @@ mod tests {
         let close = at(EventKind::Close, 3, 600, 0);
         m.record(&close, &spans::attributes(&close));
         assert_eq!(total(&m, BYTES_SENT), 690);
+    }
+
+    #[test]
+    fn a_forgotten_connection_keeps_what_it_counted_and_leaves_the_table() {
+        let mut m = ConnectionMetrics::new(Vec::new(), 10);
+        let at = |id, sent| ConnectionEvent {
+            kind: EventKind::Update,
+            conn_id: id,
+            bytes_sent: sent,
+            ..tests_support::event()
+        };
+        m.record_event(&at(1, 100));
+        m.record_event(&at(2, 30));
+        m.forget(1);
+        assert_eq!(m.followed(), 1);
+        assert_eq!(total(&m, BYTES_SENT), 130);
     }
 }

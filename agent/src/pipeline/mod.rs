@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     export::{ExportHandle, ExportTelemetry},
-    probe::event::ConnectionEvent,
+    probe::event::{ConnectionEvent, EventKind},
 };
 
 /// What the plugin chain does to a batch, seen from the pipeline.
@@ -216,6 +216,13 @@ fn flush(
     telemetry.events.inc_by(received as u64);
     telemetry.pipeline_batches.inc();
     let current = policy.borrow().clone();
+    // Connections whose close the policy drops still end: the connection metrics stop
+    // following them (see `ExportHandle::forget`).
+    let closes: Vec<u64> = batch
+        .iter()
+        .filter(|e| e.kind == EventKind::Close)
+        .map(|e| e.conn_id)
+        .collect();
     let started = Instant::now();
     current.apply(batch);
     let took = started.elapsed();
@@ -227,6 +234,90 @@ fn flush(
     telemetry
         .plugin_dropped
         .inc_by(received.saturating_sub(batch.len()) as u64);
+    if batch.len() < received {
+        export.forget(&dropped_closes(&closes, batch));
+    }
     export.push_batch(batch);
     batch.clear();
+}
+
+/// The connections of `closes` (the close events of a batch, in order) whose close is not in
+/// `kept` (what the policy left of that batch, in the same order).
+fn dropped_closes(closes: &[u64], kept: &[ConnectionEvent]) -> Vec<u64> {
+    let mut kept = kept
+        .iter()
+        .filter(|e| e.kind == EventKind::Close)
+        .map(|e| e.conn_id)
+        .peekable();
+    closes
+        .iter()
+        .copied()
+        .filter(|id| kept.next_if_eq(id).is_none())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        export::{ExportConfig, Exporter, spans::NodeIdentity, spans::tests_support},
+        status::StatusHandle,
+    };
+
+    fn event(kind: EventKind, conn_id: u64) -> ConnectionEvent {
+        ConnectionEvent {
+            kind,
+            conn_id,
+            ..tests_support::event()
+        }
+    }
+
+    /// Drops the closes of odd connection ids.
+    struct DropOddCloses;
+
+    impl BatchPolicy for DropOddCloses {
+        fn apply(&self, batch: &mut Vec<ConnectionEvent>) {
+            batch.retain(|e| e.kind != EventKind::Close || e.conn_id % 2 == 0);
+        }
+    }
+
+    #[test]
+    fn dropped_closes_are_the_closes_missing_from_what_was_kept() {
+        let kept = [
+            event(EventKind::Update, 1),
+            event(EventKind::Close, 2),
+            event(EventKind::Close, 5),
+        ];
+        assert_eq!(dropped_closes(&[1, 2, 3, 4, 5], &kept), vec![1, 3, 4]);
+        assert!(dropped_closes(&[2, 5], &kept).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_close_the_policy_drops_ends_what_the_connection_metrics_follow() {
+        let config = ExportConfig {
+            endpoint: Some("http://127.0.0.1:9".to_owned()),
+            ..ExportConfig::default()
+        };
+        let (_exporter, export) = Exporter::build(
+            &config,
+            NodeIdentity::default(),
+            StatusHandle::new("n"),
+            ExportTelemetry::default(),
+            None,
+        );
+        let (_tx, policy) =
+            tokio::sync::watch::channel::<Arc<dyn BatchPolicy>>(Arc::new(DropOddCloses));
+        let telemetry = export.telemetry().clone();
+        let mut batch: Vec<_> = (1..=4).map(|id| event(EventKind::Update, id)).collect();
+        flush(&mut batch, &policy, &export, &telemetry);
+        assert_eq!(export.followed(), 4);
+        let mut batch: Vec<_> = (1..=4).map(|id| event(EventKind::Close, id)).collect();
+        flush(&mut batch, &policy, &export, &telemetry);
+        assert_eq!(
+            export.followed(),
+            0,
+            "1 and 3 closed unseen; 2 and 4 by their close"
+        );
+        assert_eq!(telemetry.plugin_dropped.get(), 2);
+    }
 }
