@@ -3,7 +3,7 @@
 use std::net::{Ipv6Addr, SocketAddr};
 
 use edgeward_common::{
-    Header, ListenRecord, OwnerRecord, PortRecord, RawEvent, SocketRecord, direction, flags, kind,
+    Header, ListenRecord, OwnerRecord, PortRecord, SocketRecord, direction, flags, kind,
 };
 
 use super::event::{CloseReason, ConnectionEvent, Direction, EventKind, SmolStr};
@@ -29,8 +29,8 @@ const ECONNREFUSED: i32 = 111;
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    /// The record is shorter than [`RawEvent`].
-    #[error("ring buffer record of {0} bytes is shorter than a connection record")]
+    /// The record is shorter than its kind's layout (or than a [`Header`]).
+    #[error("ring buffer record of {0} bytes is shorter than its layout")]
     Short(usize),
     /// An unknown `kind` or `direction` value.
     #[error("ring buffer record has kind {kind} and direction {direction}")]
@@ -96,6 +96,62 @@ impl Fields<'_> {
         r.retransmits = self.u32();
         r.sk_err = self.u32() as i32;
     }
+}
+
+/// A connection event as the agent assembles it from the kernel's records (and, in tests,
+/// any record expanded to one shape): what [`decode`] turns into a connection event. The
+/// kernel never writes this shape; [`read_raw`] fills one from a record of any layout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    /// Kernel address of the socket (identifies the connection while it lives).
+    pub sk: u64,
+    /// When the connection started (`bpf_ktime_get_ns` at `SYN_SENT` or at the end of a
+    /// passive handshake); 0 in close and report records.
+    pub start_ns: u64,
+    /// `bpf_ktime_get_ns` when this record was written.
+    pub ts_ns: u64,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// `tcp_sock.bytes_acked`.
+    pub bytes_acked: u64,
+    /// `tcp_sock.bytes_received`.
+    pub bytes_received: u64,
+    /// Thread id.
+    pub pid: u32,
+    /// Thread group id.
+    pub tgid: u32,
+    /// Network namespace inode number.
+    pub netns: u32,
+    /// `tcp_sock.srtt_us >> 3`.
+    pub srtt_us: u32,
+    /// `tcp_sock.mdev_us >> 2`.
+    pub rttvar_us: u32,
+    /// Retransmitted segments.
+    pub retransmits: u32,
+    /// `sock.sk_err` at close (a positive errno).
+    pub sk_err: i32,
+    /// Local port (host order).
+    pub lport: u16,
+    /// Peer port (host order).
+    pub rport: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    /// [`flags`] bits.
+    pub flags: u16,
+    /// [`kind`].
+    pub kind: u8,
+    /// [`direction`].
+    pub direction: u8,
+    /// The state a close left; the current state in a report.
+    pub oldstate: u8,
+    /// Padding.
+    pub _pad: u8,
+    /// Local address: 4 bytes for IPv4, 16 for IPv6.
+    pub saddr: [u8; 16],
+    /// Peer address.
+    pub daddr: [u8; 16],
+    /// `comm`.
+    pub comm: [u8; 16],
 }
 
 /// Reads one kernel record (written by a little-endian BPF target) into the shape the tracker

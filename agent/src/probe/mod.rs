@@ -1687,7 +1687,7 @@ mod tests {
 
     fn record(sk: u64) -> tracker::Record {
         tracker::Record {
-            raw: edgeward_common::RawEvent {
+            raw: decode::RawEvent {
                 sk,
                 ..Default::default()
             },

@@ -26,11 +26,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use edgeward_common::{RawEvent, direction, flags, kind};
+use edgeward_common::{direction, flags, kind};
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    decode::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT},
+    decode::{RawEvent, TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT},
     event::{CloseReason, ConnectionEvent, EventKind},
     existing,
 };

@@ -9,7 +9,7 @@
 //! record to the ring buffer ([`kind`]; the layouts [`OwnerRecord`], [`PortRecord`],
 //! [`ListenRecord`], [`SocketRecord`], each starting with a [`Header`]), and the agent joins a
 //! connection's records (its connect or accept, then its close) in a table of its own, into
-//! [`RawEvent`]s.
+//! connection events.
 #![no_std]
 
 /// Indexes into the per-CPU `COUNTERS` array map that every kernel program updates.
@@ -96,8 +96,9 @@ pub struct LookupQuery {
     pub tuple: [u8; 40],
 }
 
-/// Kind of a [`RawEvent`]: the connection events the agent reports (open, update, close), and
-/// the records the kernel writes for the agent to join into them.
+/// Kind of a record ([`Header::kind`]) and of what the agent makes of records: the connection
+/// events it reports (open, update, close), and the records the kernel writes for it to join
+/// into them.
 pub mod kind {
     /// An open. From the kernel only with `open_delay_ns` 0, for an active open at the end of
     /// its handshake (with its final addresses).
@@ -127,7 +128,7 @@ pub mod kind {
     pub const REPORT: u8 = 10;
 }
 
-/// Direction of a connection in a [`RawEvent`].
+/// Direction of a connection in a record ([`Header::direction`]).
 pub mod direction {
     /// `connect()`.
     pub const ACTIVE: u8 = 1;
@@ -135,7 +136,8 @@ pub mod direction {
     pub const PASSIVE: u8 = 2;
 }
 
-/// `flags` bits of a [`RawEvent`]: which optional fields the kernel could fill in.
+/// `flags` bits of a record ([`Header::flags`]): which optional fields the kernel could fill
+/// in.
 pub mod flags {
     /// `bytes_sent`, `bytes_received`, `srtt_us`, `rttvar_us` and `retransmits` come from
     /// `tcp_sock` (BTF offsets were available).
@@ -472,62 +474,6 @@ pub struct SocketRecord {
     pub retransmits: u32,
     /// `sock.sk_err` (close records, [`flags::SK_ERR`]).
     pub sk_err: i32,
-}
-
-/// A connection event as the agent assembles it from the kernel's records (and, in tests,
-/// any record expanded to one shape): what the decoder turns into a connection event.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RawEvent {
-    /// Kernel address of the socket (identifies the connection while it lives).
-    pub sk: u64,
-    /// When the connection started (`bpf_ktime_get_ns` at `SYN_SENT` or at the end of a
-    /// passive handshake); 0 in close and report records.
-    pub start_ns: u64,
-    /// `bpf_ktime_get_ns` when this record was written.
-    pub ts_ns: u64,
-    /// cgroup v2 id.
-    pub cgroup_id: u64,
-    /// `tcp_sock.bytes_acked`.
-    pub bytes_acked: u64,
-    /// `tcp_sock.bytes_received`.
-    pub bytes_received: u64,
-    /// Thread id.
-    pub pid: u32,
-    /// Thread group id.
-    pub tgid: u32,
-    /// Network namespace inode number.
-    pub netns: u32,
-    /// `tcp_sock.srtt_us >> 3`.
-    pub srtt_us: u32,
-    /// `tcp_sock.mdev_us >> 2`.
-    pub rttvar_us: u32,
-    /// Retransmitted segments.
-    pub retransmits: u32,
-    /// `sock.sk_err` at close (a positive errno).
-    pub sk_err: i32,
-    /// Local port (host order).
-    pub lport: u16,
-    /// Peer port (host order).
-    pub rport: u16,
-    /// `AF_INET` (2) or `AF_INET6` (10).
-    pub family: u16,
-    /// [`flags`] bits.
-    pub flags: u16,
-    /// [`kind`].
-    pub kind: u8,
-    /// [`direction`].
-    pub direction: u8,
-    /// The state a close left; the current state in a report.
-    pub oldstate: u8,
-    /// Padding.
-    pub _pad: u8,
-    /// Local address: 4 bytes for IPv4, 16 for IPv6.
-    pub saddr: [u8; 16],
-    /// Peer address.
-    pub daddr: [u8; 16],
-    /// `comm`.
-    pub comm: [u8; 16],
 }
 
 /// One TCP socket a process holds (an open file of it), as the `held_sockets` iterator writes
