@@ -25,7 +25,7 @@ mod tracker;
 
 use std::{
     os::fd::AsFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -458,6 +458,9 @@ pub struct Probe {
     /// (kernel monotonic clock).
     existing: existing::Existing,
     found_ns: u64,
+    /// Where the cgroup v2 hierarchy is mounted: the scan and the enrichment look cgroup ids
+    /// up there.
+    cgroup_root: PathBuf,
     counters: PerCpuArray<MapData, u64>,
     config: ProbeConfig,
     out_tx: Option<BatchTx<ConnectionEvent>>,
@@ -576,7 +579,9 @@ impl ProbeConfig {
         }
         let found_ns = decode::monotonic_ns();
         let held = self.held_sockets(&mut ebpf, &offsets, btf);
-        let mut existing = scan_existing(self.max_connections as usize, held.as_deref());
+        let cgroup_root = enrich::cgroup2_root();
+        let mut existing =
+            scan_existing(self.max_connections as usize, held.as_deref(), &cgroup_root);
         // The sweep has the kernel report on connections: a kernel that cannot run that
         // program on demand (BPF_PROG_TEST_RUN of raw tracepoints, Linux 5.10) gives no
         // updates.
@@ -686,6 +691,7 @@ impl ProbeConfig {
             netns_known: offsets.sk_net != NO_OFFSET && offsets.net_inum != NO_OFFSET,
             existing,
             found_ns,
+            cgroup_root,
             counters,
             config: self.clone(),
             out_tx: Some(out_tx),
@@ -885,13 +891,12 @@ fn attach_tracepoint(
 /// The listeners and connections open before the probe, from /proc (at most `limit`
 /// connection ends): the tracker attributes passive opens on those listeners from the
 /// handshake on, and adopts those connections.
-fn scan_existing(limit: usize, held: Option<&[HeldSocket]>) -> existing::Existing {
-    let found = existing::scan(
-        std::path::Path::new("/proc"),
-        &enrich::cgroup2_root(),
-        limit,
-        held,
-    );
+fn scan_existing(
+    limit: usize,
+    held: Option<&[HeldSocket]>,
+    cgroup_root: &Path,
+) -> existing::Existing {
+    let found = existing::scan(Path::new("/proc"), cgroup_root, limit, held);
     let with_address = found.connections.iter().filter(|c| c.sk.is_some()).count();
     tracing::info!(
         source = if held.is_some() {
@@ -1236,8 +1241,12 @@ impl Probe {
         // channel close.
         let enrichment = {
             let drops = self.drops.clone();
-            let cache = self.config.enrichment_cache_size;
-            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, out_tx, drops, cache))
+            let enricher = enrich::Enricher::with_roots(
+                self.config.enrichment_cache_size,
+                "/proc".into(),
+                self.cgroup_root.clone(),
+            );
+            tokio::task::spawn_blocking(move || enrich_loop(raw_rx, out_tx, drops, enricher))
         };
         // The deprecated constructor is the safe one: AsyncFd owns the RingBuf, which owns the
         // fd, so the fd stays open for as long as it is registered (the I/O-safety concern
@@ -1567,11 +1576,11 @@ fn enrich_loop(
     mut raw_rx: BatchRx<tracker::Record>,
     out_tx: BatchTx<ConnectionEvent>,
     drops: Arc<UserDrops>,
-    cache_size: usize,
+    enricher: enrich::Enricher,
 ) {
     let mut enrichment = Enrichment {
         clock: decode::Clock::now(),
-        enricher: enrich::Enricher::new(cache_size),
+        enricher,
         out_tx,
         drops,
         warned_full: false,
