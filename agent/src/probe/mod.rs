@@ -340,6 +340,26 @@ impl AttachMode {
         }
     }
 
+    /// Runs `attempt` in this form and, while it fails, in each form after it; `failed` hears
+    /// of every failure that leaves a form to try. The first success with its form, or the
+    /// last form's error.
+    fn try_each<T>(
+        self,
+        mut attempt: impl FnMut(Self) -> Result<T, ProbeError>,
+        mut failed: impl FnMut(Self, Self, &ProbeError),
+    ) -> Result<(T, Self), ProbeError> {
+        let mut mode = self;
+        loop {
+            match attempt(mode) {
+                Err(e) if let Some(next) = mode.fallback() => {
+                    failed(mode, next, &e);
+                    mode = next;
+                }
+                result => return result.map(|t| (t, mode)),
+            }
+        }
+    }
+
     /// The form `hook` is attached in: typed only where it has a typed program.
     fn for_hook(self, hook: &Hook) -> Self {
         match self {
@@ -551,28 +571,24 @@ impl ProbeConfig {
         // Wake the reader at an eighth of the buffer; it drains every READ_PERIOD anyway.
         offsets.wakeup_bytes = u64::from(self.ring_buffer_bytes / 8);
         offsets.open_delay_ns = u64::try_from(self.open_delay.as_nanos()).unwrap_or(u64::MAX);
-        let mut mode = match AttachMode::for_offsets(&offsets) {
+        let first = match AttachMode::for_offsets(&offsets) {
             _ if !self.raw_tracepoints => AttachMode::Classic,
             AttachMode::Typed if !self.typed_tracepoints => AttachMode::Raw,
             mode => mode,
         };
-        let (mut ebpf, lost, btf) = loop {
-            match self.load_and_attach(&offsets, mode) {
-                Err(e) if let Some(next) = mode.fallback() => {
-                    // Typed tracepoints are refused by kernels that allow no tracing programs
-                    // (some hardened ones); that costs some CPU, nothing of what is reported.
-                    let level_warn = mode != AttachMode::Typed;
-                    let e = error_chain(&e);
-                    if level_warn {
-                        tracing::warn!(error = %e, from = mode.as_str(), to = next.as_str(), "tracepoint form unavailable; trying the next");
-                    } else {
-                        tracing::info!(error = %e, from = mode.as_str(), to = next.as_str(), "tracepoint form unavailable; trying the next");
-                    }
-                    mode = next;
+        let ((mut ebpf, lost, btf), mode) = first.try_each(
+            |mode| self.load_and_attach(&offsets, mode),
+            |mode, next, e| {
+                // Typed tracepoints are refused by kernels that allow no tracing programs
+                // (some hardened ones); that costs some CPU, nothing of what is reported.
+                let e = error_chain(e);
+                if mode != AttachMode::Typed {
+                    tracing::warn!(error = %e, from = mode.as_str(), to = next.as_str(), "tracepoint form unavailable; trying the next");
+                } else {
+                    tracing::info!(error = %e, from = mode.as_str(), to = next.as_str(), "tracepoint form unavailable; trying the next");
                 }
-                attached => break attached?,
-            }
-        };
+            },
+        )?;
         for (e, loses) in lost {
             notes.push(e);
             missing.push(loses);
@@ -1090,9 +1106,9 @@ impl FloorProbe {
             .map(|k| k.offsets)
             .unwrap_or(Offsets::UNKNOWN);
         let config = ProbeConfig::default();
-        let mut mode = AttachMode::for_offsets(&offsets);
-        loop {
-            let attached = config.btf_for(mode).and_then(|btf| {
+        let (ebpf, _) = AttachMode::for_offsets(&offsets).try_each(
+            |mode| {
+                let btf = config.btf_for(mode)?;
                 let mut ebpf = EbpfLoader::new()
                     .override_global("OFFSETS", &offsets, true)
                     .load(PROGRAMS)?;
@@ -1100,12 +1116,10 @@ impl FloorProbe {
                     attach_tracepoint(&mut ebpf, mode, mode.floor(hook), hook, btf.as_ref())?;
                 }
                 Ok(ebpf)
-            });
-            match attached {
-                Err(_) if let Some(next) = mode.fallback() => mode = next,
-                attached => return Ok(Self { ebpf: attached? }),
-            }
-        }
+            },
+            |_, _, _| {},
+        )?;
+        Ok(Self { ebpf })
     }
 
     /// Run counts and kernel run time of its programs (zero unless the kernel's BPF
