@@ -453,6 +453,16 @@ trait Source {
     fn net_inum(&self, net: u64) -> Option<u32> {
         net_inum(net)
     }
+    /// The field of the socket's head at `offset` (`sock_common`), where the source holds the
+    /// socket itself (raw form, once the head is read; typed form); `None` otherwise.
+    #[inline(always)]
+    fn head_get<T: Copy>(&self, _offset: u32) -> Option<T> {
+        None
+    }
+    /// Copies the 16-byte field of the socket's head at `offset` into `dst` when it can be
+    /// read (see [`Source::head_get`]).
+    #[inline(always)]
+    fn head_addr(&self, _offset: u32, _dst: *mut [u8; 16]) {}
 
     /// Reads the socket's head (raw form) and says whether the socket is TCP: the protocol
     /// then comes from the head too. For the records that go on to read the socket.
@@ -577,64 +587,37 @@ impl Sock {
 impl Source for Sock {
     #[inline(always)]
     unsafe fn socket(&self, e: *mut SocketRecord) -> i32 {
-        let off = offsets();
-        let Some(buf) = self.head() else {
+        if self.head().is_none() {
             return -1;
-        };
-        const MAX: usize = SOCK_HEAD_MAX;
-        // SAFETY: the fields are naturally aligned in the kernel struct and the span starts
-        // at the socket itself; the agent only sets `sock_head_len` when the IPv6 addresses
-        // are 8-aligned, as `copy16` needs. `e` is a reserved record (the caller).
-        unsafe {
-            let state = span_field::<u8>(buf, 0, off.skc_state, MAX).map_or(-1, i32::from);
-            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
-            let Some(family) = span_field::<u16>(buf, 0, off.skc_family, MAX) else {
-                return state;
-            };
-            (*e).head.family = family;
-            if let Some(port) = span_field::<u16>(buf, 0, off.skc_dport, MAX) {
-                (*e).rport = u16::from_be(port);
-            }
-            if let Some(port) = span_field(buf, 0, off.skc_num, MAX) {
-                (*e).lport = port;
-            }
-            if family == AF_INET6 {
-                if let Some(p) = span_ptr(buf, 0, off.skc_v6_rcv_saddr, 16, MAX) {
-                    copy16(&mut (*e).saddr, p as *const [u8; 16]);
-                }
-                if let Some(p) = span_ptr(buf, 0, off.skc_v6_daddr, 16, MAX) {
-                    copy16(&mut (*e).daddr, p as *const [u8; 16]);
-                }
-            } else {
-                if let Some(addr) = span_field(buf, 0, off.skc_rcv_saddr, MAX) {
-                    v4_mapped(addr, &mut (*e).saddr);
-                }
-                if let Some(addr) = span_field(buf, 0, off.skc_daddr, MAX) {
-                    v4_mapped(addr, &mut (*e).daddr);
-                }
-            }
-            (*e).head.flags |= flags::ADDRESSES;
-            state
         }
+        // SAFETY: `e` is a reserved record (the caller).
+        unsafe { socket_from_head(self, e) }
     }
 
     #[inline(always)]
     unsafe fn port(&self, e: *mut PortRecord) {
-        let off = offsets();
-        let Some(buf) = self.head() else {
-            return;
-        };
-        const MAX: usize = SOCK_HEAD_MAX;
-        // SAFETY: as in `socket`.
-        unsafe {
-            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
-            if let (Some(family), Some(port)) = (
-                span_field::<u16>(buf, 0, off.skc_family, MAX),
-                span_field::<u16>(buf, 0, off.skc_num, MAX),
-            ) {
-                (*e).head.family = family;
-                (*e).lport = port;
-            }
+        if self.head().is_some() {
+            // SAFETY: `e` is a reserved record (the caller).
+            unsafe { port_from_head(self, e) }
+        }
+    }
+
+    /// From the head read by `socket`/`port` (`head()` is not null by then).
+    #[inline(always)]
+    fn head_get<T: Copy>(&self, offset: u32) -> Option<T> {
+        // SAFETY: the head is in this CPU's scratch slot, and `span_field` keeps the read
+        // inside it; fields are naturally aligned in the kernel struct and the span starts at
+        // the socket itself.
+        unsafe { span_field(self.head.get(), 0, offset, SOCK_HEAD_MAX) }
+    }
+
+    #[inline(always)]
+    fn head_addr(&self, offset: u32, dst: *mut [u8; 16]) {
+        if let Some(p) = span_ptr(self.head.get(), 0, offset, 16, SOCK_HEAD_MAX) {
+            // SAFETY: inside the slot (`span_ptr`); the agent only sets `sock_head_len` when
+            // the IPv6 addresses are 8-aligned, as `copy16` needs, and `dst` is a field of an
+            // 8-aligned record at a multiple of 8.
+            unsafe { copy16(dst, p as *const [u8; 16]) };
         }
     }
 
@@ -740,51 +723,24 @@ impl Typed {
 impl Source for Typed {
     #[inline(always)]
     unsafe fn socket(&self, e: *mut SocketRecord) -> i32 {
-        let off = offsets();
         // SAFETY: `e` is a reserved record (the caller).
-        unsafe {
-            let state = self.get::<u8>(off.skc_state).map_or(-1, i32::from);
-            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
-            let Some(family) = self.get::<u16>(off.skc_family) else {
-                return state;
-            };
-            (*e).head.family = family;
-            if let Some(port) = self.get::<u16>(off.skc_dport) {
-                (*e).rport = u16::from_be(port);
-            }
-            if let Some(port) = self.get(off.skc_num) {
-                (*e).lport = port;
-            }
-            if family == AF_INET6 {
-                self.addr(off.skc_v6_rcv_saddr, &mut (*e).saddr);
-                self.addr(off.skc_v6_daddr, &mut (*e).daddr);
-            } else {
-                if let Some(addr) = self.get(off.skc_rcv_saddr) {
-                    v4_mapped(addr, &mut (*e).saddr);
-                }
-                if let Some(addr) = self.get(off.skc_daddr) {
-                    v4_mapped(addr, &mut (*e).daddr);
-                }
-            }
-            (*e).head.flags |= flags::ADDRESSES;
-            state
-        }
+        unsafe { socket_from_head(self, e) }
     }
 
     #[inline(always)]
     unsafe fn port(&self, e: *mut PortRecord) {
-        let off = offsets();
         // SAFETY: `e` is a reserved record (the caller).
-        unsafe {
-            self.write_netns(&mut (*e).netns, &mut (*e).head.flags);
-            if let (Some(family), Some(port)) = (
-                self.get::<u16>(off.skc_family),
-                self.get::<u16>(off.skc_num),
-            ) {
-                (*e).head.family = family;
-                (*e).lport = port;
-            }
-        }
+        unsafe { port_from_head(self, e) }
+    }
+
+    #[inline(always)]
+    fn head_get<T: Copy>(&self, offset: u32) -> Option<T> {
+        self.get(offset)
+    }
+
+    #[inline(always)]
+    fn head_addr(&self, offset: u32, dst: *mut [u8; 16]) {
+        self.addr(offset, dst);
     }
 
     #[inline(always)]
@@ -825,6 +781,65 @@ impl Source for Typed {
             return None;
         }
         typed_field(net, offsets().net_inum)
+    }
+}
+
+/// [`Source::socket`] of a source that holds the socket itself (raw and typed forms): the
+/// state, network namespace, family, ports and addresses from the head's fields.
+///
+/// # Safety
+/// `e` points at a reserved socket record.
+#[inline(always)]
+unsafe fn socket_from_head<S: Source>(source: &S, e: *mut SocketRecord) -> i32 {
+    let off = offsets();
+    // SAFETY: `e` is a reserved record (the caller).
+    unsafe {
+        let state = source.head_get::<u8>(off.skc_state).map_or(-1, i32::from);
+        source.write_netns(&mut (*e).netns, &mut (*e).head.flags);
+        let Some(family) = source.head_get::<u16>(off.skc_family) else {
+            return state;
+        };
+        (*e).head.family = family;
+        if let Some(port) = source.head_get::<u16>(off.skc_dport) {
+            (*e).rport = u16::from_be(port);
+        }
+        if let Some(port) = source.head_get(off.skc_num) {
+            (*e).lport = port;
+        }
+        if family == AF_INET6 {
+            source.head_addr(off.skc_v6_rcv_saddr, &mut (*e).saddr);
+            source.head_addr(off.skc_v6_daddr, &mut (*e).daddr);
+        } else {
+            if let Some(addr) = source.head_get(off.skc_rcv_saddr) {
+                v4_mapped(addr, &mut (*e).saddr);
+            }
+            if let Some(addr) = source.head_get(off.skc_daddr) {
+                v4_mapped(addr, &mut (*e).daddr);
+            }
+        }
+        (*e).head.flags |= flags::ADDRESSES;
+        state
+    }
+}
+
+/// [`Source::port`] of a source that holds the socket itself: network namespace, family and
+/// local port from the head's fields.
+///
+/// # Safety
+/// `e` points at a reserved port record.
+#[inline(always)]
+unsafe fn port_from_head<S: Source>(source: &S, e: *mut PortRecord) {
+    let off = offsets();
+    // SAFETY: `e` is a reserved record (the caller).
+    unsafe {
+        source.write_netns(&mut (*e).netns, &mut (*e).head.flags);
+        if let (Some(family), Some(port)) = (
+            source.head_get::<u16>(off.skc_family),
+            source.head_get::<u16>(off.skc_num),
+        ) {
+            (*e).head.family = family;
+            (*e).lport = port;
+        }
     }
 }
 
