@@ -20,8 +20,9 @@ use crate::{
 
 /// What the plugin chain does to a batch, seen from the pipeline.
 ///
-/// `apply` removes the events the policy drops and appends the attribute edits it makes to
-/// the ones it keeps. It never fails: a failing plugin's `failure_policy` decides inside.
+/// `apply` removes the events the policy drops, leaving the others in their order, and
+/// appends the attribute edits it makes to the ones it keeps. It never fails: a failing
+/// plugin's `failure_policy` decides inside.
 pub trait BatchPolicy: Send + Sync + 'static {
     /// Applies the policy to a batch in place.
     fn apply(&self, batch: &mut Vec<ConnectionEvent>);
