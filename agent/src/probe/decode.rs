@@ -144,8 +144,6 @@ pub struct RawEvent {
     pub direction: u8,
     /// The state a close left; the current state in a report.
     pub oldstate: u8,
-    /// Padding.
-    pub _pad: u8,
     /// Local address: 4 bytes for IPv4, 16 for IPv6.
     pub saddr: [u8; 16],
     /// Peer address.
@@ -398,7 +396,6 @@ mod tests {
             kind: kind::CLOSE,
             direction: direction::ACTIVE,
             oldstate: 9,
-            _pad: 0,
             saddr,
             daddr: saddr,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
