@@ -32,8 +32,9 @@ const AF_INET6: u16 = 10;
 
 /// Loads `conn_lookup`.
 pub fn load(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let prog: &mut CgroupSkb = super::on_demand(ebpf, PROGRAM)?;
-    prog.load().map_err(super::on_demand_error(PROGRAM))
+    let err = super::on_demand_error(PROGRAM);
+    let prog: &mut CgroupSkb = super::program_as(ebpf, PROGRAM, err)?;
+    prog.load().map_err(err)
 }
 
 /// The loaded `conn_lookup` and the map it answers in.

@@ -824,11 +824,7 @@ impl ProbeConfig {
             Some(btf) => btf,
             None => self.parse_btf()?,
         };
-        let prog: &mut Iter = ebpf
-            .program_mut(HELD_SOCKETS_PROGRAM)
-            .ok_or(ProbeError::MissingProgram(HELD_SOCKETS_PROGRAM))?
-            .try_into()
-            .map_err(err)?;
+        let prog: &mut Iter = program_as(ebpf, HELD_SOCKETS_PROGRAM, err)?;
         prog.load("task_file", &btf).map_err(err)?;
         let link = prog.attach().map_err(err)?;
         let mut file = prog
@@ -984,11 +980,12 @@ fn held_records(bytes: &[u8]) -> Vec<HeldSocket> {
         .collect()
 }
 
-/// The program `name` of the object, as its type `P`, for loading: one the agent runs on
-/// demand (`BPF_PROG_TEST_RUN`) and never attaches.
-pub(crate) fn on_demand<'e, P>(
+/// The program `name` of the object, as its type `P`, for loading; `err` phrases the error
+/// when it is of another type (with the attach point, as for the caller's later steps).
+pub(crate) fn program_as<'e, P>(
     ebpf: &'e mut Ebpf,
     name: &'static str,
+    err: impl Fn(ProgramError) -> ProbeError,
 ) -> Result<&'e mut P, ProbeError>
 where
     &'e mut P: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
@@ -996,10 +993,11 @@ where
     ebpf.program_mut(name)
         .ok_or(ProbeError::MissingProgram(name))?
         .try_into()
-        .map_err(on_demand_error(name))
+        .map_err(err)
 }
 
-/// How a failure of the on-demand program `program` reads.
+/// How a failure of `program`, one the agent runs on demand (`BPF_PROG_TEST_RUN`) and never
+/// attaches, reads.
 pub(crate) fn on_demand_error(program: &'static str) -> impl Fn(ProgramError) -> ProbeError + Copy {
     move |source| ProbeError::Program {
         program,
@@ -1011,8 +1009,8 @@ pub(crate) fn on_demand_error(program: &'static str) -> impl Fn(ProgramError) ->
 /// Loads `conn_report` and runs it once on no connection, which it must answer "gone": the
 /// kernel runs it on demand.
 fn load_report(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let prog: &mut RawTracePoint = on_demand(ebpf, REPORT_PROGRAM)?;
     let err = on_demand_error(REPORT_PROGRAM);
+    let prog: &mut RawTracePoint = program_as(ebpf, REPORT_PROGRAM, err)?;
     prog.load().map_err(err)?;
     match run_report(prog, 0).map_err(err)? {
         report::GONE => Ok(()),
@@ -1076,11 +1074,7 @@ fn attach_accept(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
         source,
     };
     let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-    let prog: &mut FExit = ebpf
-        .program_mut(ACCEPT_PROGRAM)
-        .ok_or(ProbeError::MissingProgram(ACCEPT_PROGRAM))?
-        .try_into()
-        .map_err(err)?;
+    let prog: &mut FExit = program_as(ebpf, ACCEPT_PROGRAM, err)?;
     prog.load(ACCEPT_FUNCTION, &btf).map_err(err)?;
     prog.attach().map_err(err)?;
     Ok(())
