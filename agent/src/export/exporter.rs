@@ -3,7 +3,7 @@
 //! retrying with backoff, following setting changes from the synced config.
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::{Duration, Instant},
 };
 
@@ -50,6 +50,11 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The connection metrics, locked (a panic while they were held leaves them usable).
+    fn connection_metrics(&self) -> MutexGuard<'_, ConnectionMetrics> {
+        self.metrics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn count_dropped(&self, d: Dropped) {
@@ -109,11 +114,7 @@ impl ExportHandle {
         if closed.is_empty() {
             return;
         }
-        let mut metrics = self
-            .shared
-            .metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut metrics = self.shared.connection_metrics();
         for &id in closed {
             metrics.forget(id);
         }
@@ -122,11 +123,7 @@ impl ExportHandle {
     /// How many connections the connection metrics follow.
     #[cfg(test)]
     pub(crate) fn followed(&self) -> usize {
-        self.shared
-            .metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .followed()
+        self.shared.connection_metrics().followed()
     }
 
     /// Turns a judged batch into metric updates (every event) and spans (close events), and
@@ -144,11 +141,7 @@ impl ExportHandle {
         let mut spans = Vec::new();
         let mut folded = 0;
         {
-            let mut metrics = self
-                .shared
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut metrics = self.shared.connection_metrics();
             for ev in batch {
                 if ev.kind == EventKind::Close {
                     let span = spans::span(ev, self.shared.salt);
@@ -182,12 +175,7 @@ impl ExportHandle {
         if active.config.endpoint.is_none() {
             return;
         }
-        let mut metrics = self
-            .shared
-            .metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .to_metrics();
+        let mut metrics = self.shared.connection_metrics().to_metrics();
         metrics.extend(self.shared.telemetry.to_metrics(
             &self.shared.status,
             self.shared.start_unix_nanos,
@@ -279,9 +267,7 @@ impl Exporter {
         let d = self.shared.queue.set_max_bytes(config.queue_max_bytes);
         self.shared.count_dropped(d);
         self.shared
-            .metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .connection_metrics()
             .reconfigure(&config.metric_attributes, config.max_series);
         let (state, reason) = match &config.endpoint {
             None => {
