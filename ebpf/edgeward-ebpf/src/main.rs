@@ -602,13 +602,10 @@ impl Source for Sock {
         }
     }
 
-    /// From the head read by `socket`/`port` (`head()` is not null by then).
+    /// From the head read by `socket`/`port`.
     #[inline(always)]
     fn head_get<T: Copy>(&self, offset: u32) -> Option<T> {
-        // SAFETY: the head is in this CPU's scratch slot, and `span_field` keeps the read
-        // inside it; fields are naturally aligned in the kernel struct and the span starts at
-        // the socket itself.
-        unsafe { span_field(self.head.get(), 0, offset, SOCK_HEAD_MAX) }
+        self.head_field(offset)
     }
 
     #[inline(always)]
